@@ -1,0 +1,26 @@
+"""Drop/grow policies and the reselection schedule: pure functions on tensors."""
+
+from .budget import allocate_budgets
+from .policies import (
+    drop_smallest,
+    grow_by_accumulated_gradient,
+    grow_by_momentum_approximation,
+    grow_random,
+    is_member,
+    replace_entries,
+)
+from .schedule import SCHEDULES, in_estimation_phase, is_reselection_step, reselection_count
+
+__all__ = [
+    "SCHEDULES",
+    "allocate_budgets",
+    "drop_smallest",
+    "grow_by_accumulated_gradient",
+    "grow_by_momentum_approximation",
+    "grow_random",
+    "in_estimation_phase",
+    "is_member",
+    "is_reselection_step",
+    "replace_entries",
+    "reselection_count",
+]

@@ -1,0 +1,57 @@
+"""When reselection happens and how many entries it replaces (SPEC section 1, thesis eq. 7.6)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+SCHEDULES = ("linear", "cosine")
+
+
+def is_reselection_step(step: int, reselection_steps: int, total_steps: Optional[int]) -> bool:
+    """True if reselection follows optimizer update number ``step`` (1-based): every S updates, before T."""
+    if step <= 0 or step % reselection_steps:
+        return False
+    return total_steps is None or step < total_steps
+
+
+def in_estimation_phase(next_step: int, reselection_steps: int, accumulation_steps: int, total_steps: Optional[int]) -> bool:
+    """True if the micro-batches of update ``next_step`` (1-based) feed the AG gradient estimate.
+
+    The phase is the ``accumulation_steps`` updates that end at a reselection step.
+    """
+    if next_step <= 0:
+        return False
+    reselection_at = math.ceil(next_step / reselection_steps) * reselection_steps
+    if not is_reselection_step(reselection_at, reselection_steps, total_steps):
+        return False
+    return reselection_at - next_step < accumulation_steps
+
+
+def reselection_count(
+    step: int,
+    budget: int,
+    reselection_steps: int,
+    rate: float,
+    total_steps: Optional[int],
+    schedule: str = "linear",
+) -> int:
+    """Number of entries of a ``budget``-entry delta to drop and regrow after update ``step``.
+
+    The first reselection (``step == reselection_steps``) replaces all entries, since the initial indices are random.
+    Afterwards ``rate * (1 - t/T) * budget`` (linear) or ``rate/2 * (1 + cos(pi t / T)) * budget`` (cosine), rounded
+    down; with ``total_steps`` unknown, the constant ``rate * budget``.
+    """
+    if not is_reselection_step(step, reselection_steps, total_steps):
+        return 0
+    if step == reselection_steps:
+        return budget
+    if total_steps is None:
+        fraction = rate
+    elif schedule == "linear":
+        fraction = rate * (1.0 - step / total_steps)
+    elif schedule == "cosine":
+        fraction = rate / 2.0 * (1.0 + math.cos(math.pi * step / total_steps))
+    else:
+        raise ValueError(f"reselection_schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return max(0, min(budget, int(fraction * budget)))

@@ -1,0 +1,79 @@
+"""How training drives reselection without a line of user code.
+
+A global optimizer step post-hook (``torch.optim.Optimizer.register_optimizer_step_post_hook``) runs after every
+``optimizer.step()`` of any torch optimizer: for each sparse-delta values tensor the optimizer holds, the owning
+layer counts the update, updates its statistics and reselects when due. So the HF Trainer, TRL and plain loops all
+drive SpIEL the same way, and gradient accumulation counts optimizer updates, not micro-batches.
+
+A ``TrainerCallback`` added to transformers' default callbacks gives SpIEL the run's total number of updates
+(``total_steps=None`` in the config) at the start of training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_installed = False
+
+
+def _owned_values(optimizer: torch.optim.Optimizer):
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            owner = getattr(param, "_peft_sparse_owner", None)
+            if owner is None:
+                continue
+            layer, adapter = owner[0](), owner[1]
+            if layer is not None and layer.sparse_values.get(adapter) is param and hasattr(layer, "after_optimizer_step"):
+                yield layer, adapter
+
+
+def after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
+    """Tell every sparse layer whose values ``optimizer`` updated that an update happened."""
+    for layer, adapter in list(_owned_values(optimizer)):
+        layer.after_optimizer_step(adapter, optimizer)
+
+
+def set_total_steps(model: torch.nn.Module, total_steps: int) -> int:
+    """Set ``total_steps`` on every sparse adapter config of ``model`` that has none; returns how many were set."""
+    seen, count = set(), 0
+    for module in model.modules():
+        for config in getattr(module, "sparse_config", {}).values():
+            if id(config) in seen or not hasattr(config, "total_steps"):
+                continue
+            seen.add(id(config))
+            if config.total_steps is None and total_steps and total_steps > 0:
+                config.total_steps = int(total_steps)
+                count += 1
+    return count
+
+
+def _make_trainer_callback():
+    from transformers import TrainerCallback
+
+    class SparseTrainingCallback(TrainerCallback):
+        """Gives sparse adapters with ``total_steps=None`` the Trainer's ``max_steps`` when training begins."""
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                set_total_steps(model, state.max_steps)
+
+    return SparseTrainingCallback
+
+
+def install() -> None:
+    """Install the optimizer hook and the Trainer callback once per process."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    register_optimizer_step_post_hook(after_optimizer_step)
+    try:
+        import transformers.trainer as trainer_module
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    callback = _make_trainer_callback()
+    if not any(getattr(c, "__name__", "") == callback.__name__ for c in trainer_module.DEFAULT_CALLBACKS):
+        trainer_module.DEFAULT_CALLBACKS.append(callback)

@@ -1,0 +1,212 @@
+"""The layer shared by every sparse tuner: a frozen base weight plus, per adapter, a sparse delta.
+
+Per adapter the layer holds ``sparse_values`` (trainable, in a ``ParameterDict``), ``sparse_indices`` (unique flat
+row-major positions into the base weight as stored, int32 below 2**31 entries) and ``sparse_shape`` (the weight
+shape the delta was made for), the last two in persistent ``BufferDict``s so that they are saved with the adapter.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Iterator, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..delta import check_delta, index_dtype_for, merge_exact, restore_exact, to_dense
+from ..sparse_linear import GradientObserver, sparse_delta_linear
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep the layer importable without it
+    Conv1D = ()
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def supported_weight(module: nn.Module) -> bool:
+    """True for the layer types a sparse delta can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+class SparseDeltaLayer(BaseTunerLayer):
+    """Base tuner layer: ``y = x @ (W + sum over active adapters of scatter(indices, values)).T + b``."""
+
+    adapter_layer_names = ("sparse_values",)
+    other_param_names = ("sparse_indices", "sparse_shape")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.sparse_values = nn.ParameterDict({})
+        self.sparse_indices = BufferDict(persistent=True)
+        self.sparse_shape = BufferDict(persistent=True)
+        self.sparse_config: dict[str, Any] = {}
+        self._merged_originals: dict[str, torch.Tensor] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        base = self.get_base_layer()
+        if not supported_weight(base):
+            raise TypeError(
+                f"sparse tuners wrap torch.nn.Linear and transformers' Conv1D, got {type(base).__name__}"
+            )
+        self.transposed = isinstance(base, Conv1D) if Conv1D else False
+        self.in_features = base.weight.shape[0] if self.transposed else base.weight.shape[1]
+        self.out_features = base.weight.shape[1] if self.transposed else base.weight.shape[0]
+        self.kwargs = kwargs
+
+    # ----------------------------------------------------------------------------------------- storage
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape of the base weight as stored (``[out, in]`` for Linear, ``[in, out]`` for Conv1D)."""
+        return tuple(self.get_base_layer().weight.shape)
+
+    def update_layer(self, adapter_name: str, config: Any, layer_key: str = "") -> None:
+        """Add ``adapter_name`` with an empty delta (subclasses add their own state)."""
+        self.add_adapter_slot(adapter_name, config)
+
+    def add_adapter_slot(self, adapter_name: str, config: Any) -> None:
+        """Register ``adapter_name`` with an empty delta; ``set_delta`` fills it once the budget is known."""
+        self.sparse_config[adapter_name] = config
+        weight = self.get_base_layer().weight
+        self.set_delta(
+            adapter_name,
+            torch.zeros(0, dtype=index_dtype_for(weight.numel()), device=weight.device),
+            torch.zeros(0, dtype=DTYPES[config.delta_dtype], device=weight.device),
+        )
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def set_delta(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Install ``(indices, values)`` as the delta of ``adapter_name``, validated against the base weight.
+
+        Reuses the existing values tensor when the size is unchanged, so an optimizer that holds it keeps working.
+        """
+        shape = self.weight_shape
+        check_delta(indices, values, shape, f"adapter {adapter_name!r}")
+        weight = self.get_base_layer().weight
+        config = self.sparse_config[adapter_name]
+        indices = indices.to(device=weight.device, dtype=index_dtype_for(weight.numel()))
+        values = values.detach().to(device=weight.device, dtype=DTYPES[config.delta_dtype])
+        current = self.sparse_values.get(adapter_name)
+        if current is not None and current.shape == values.shape and current.device == values.device:
+            with torch.no_grad():
+                current.copy_(values)
+            self.sparse_indices[adapter_name].copy_(indices)
+        else:
+            requires_grad = current.requires_grad if current is not None else True
+            self.sparse_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad)
+            self.sparse_indices[adapter_name] = indices
+        self.sparse_shape[adapter_name] = torch.tensor(shape, dtype=torch.int64, device=weight.device)
+
+    def validate_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Raise ValueError (naming ``where``) unless checkpoint ``tensors`` of this layer fit its base weight."""
+        shape = self.weight_shape
+        saved_shape = tensors.get("sparse_shape")
+        if saved_shape is not None and tuple(int(s) for s in saved_shape.tolist()) != shape:
+            raise ValueError(
+                f"{where}: the adapter was made for a weight of shape {tuple(saved_shape.tolist())}, "
+                f"the base model's is {shape}"
+            )
+        check_delta(tensors["sparse_indices"], tensors["sparse_values"], shape, where)
+
+    def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the adapter's tensors by validated checkpoint ``tensors`` (resizing them as needed)."""
+        self.set_delta(adapter_name, tensors["sparse_indices"], tensors["sparse_values"])
+        device = self.get_base_layer().weight.device
+        for name, tensor in tensors.items():
+            if name not in ("sparse_indices", "sparse_values", "sparse_shape"):
+                getattr(self, name)[adapter_name] = tensor.to(device)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # Only the device follows the base layer: values keep delta_dtype and statistics stay float32.
+        weight = self.get_base_layer().weight
+        target = device if device is not None else weight.device
+        if target.type == "meta":
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name, None)
+            if isinstance(container, (nn.ParameterDict, BufferDict)) and adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(target)
+
+    def active_deltas(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(adapter, indices, values)`` of every active adapter of this layer with a non-empty delta."""
+        for adapter in self.active_adapters:
+            values = self.sparse_values.get(adapter)
+            if values is not None and values.numel():
+                yield adapter, self.sparse_indices[adapter], values
+
+    # ----------------------------------------------------------------------------------------- forward
+    def gradient_observer(self) -> Optional[GradientObserver]:
+        """A callback that wants the dense weight gradient in this backward, or None (subclasses override)."""
+        return None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        deltas = list(self.active_deltas())
+        if not deltas:
+            return self.base_layer(x, *args, **kwargs)
+        for adapter, _, values in deltas:
+            self._tag_owner(adapter, values)
+        if len(deltas) == 1:
+            indices, values = deltas[0][1], deltas[0][2]
+        else:
+            indices = torch.cat([d[1].long() for d in deltas])
+            values = torch.cat([d[2].float() for d in deltas])
+        base = self.get_base_layer()
+        backend = self.sparse_config[deltas[0][0]].kernel_backend
+        return sparse_delta_linear(
+            x, base.weight, base.bias, indices, values, self.transposed, self.gradient_observer(), backend
+        )
+
+    def _tag_owner(self, adapter: str, values: torch.Tensor) -> None:
+        # optimizer hooks find the layer of a values tensor through this tag (re-tagged after copies)
+        owner = getattr(values, "_peft_sparse_owner", None)
+        if owner is None or owner[0]() is not self or owner[1] != adapter:
+            values._peft_sparse_owner = (weakref.ref(self), adapter)
+
+    # ----------------------------------------------------------------------------------------- merging
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The delta of ``adapter_name`` as a dense tensor shaped like the base weight (base weight's dtype)."""
+        weight = self.get_base_layer().weight
+        return to_dense(self.sparse_indices[adapter_name], self.sparse_values[adapter_name], weight.shape, weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the deltas into the base weight; the original entries are kept so ``unmerge`` is bit-exact."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.get_base_layer().weight
+        for adapter in adapter_names:
+            if adapter not in self.sparse_values:
+                continue
+            indices, values = self.sparse_indices[adapter], self.sparse_values[adapter]
+            if safe_merge:
+                trial = weight.data.clone()
+                merge_exact(trial, indices, values)
+                if not torch.isfinite(trial).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            self._merged_originals[adapter] = merge_exact(weight, indices, values)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Restore the base weight exactly as it was before ``merge``."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self._merged_originals:
+                restore_exact(weight, self.sparse_indices[adapter], self._merged_originals.pop(adapter))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.sparse_config.pop(adapter_name, None)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False

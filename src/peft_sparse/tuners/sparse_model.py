@@ -1,0 +1,176 @@
+"""The tuner (``BaseTuner``) shared by the sparse methods: injection, budgets, checked loading, composition."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper
+from peft.utils.other import _get_submodules
+from torch import nn
+
+from ..delta import combine
+from ..selection import allocate_budgets
+from .sparse_layer import SparseDeltaLayer, supported_weight
+
+
+class SparseTunerModel(BaseTuner):
+    """Base of the sparse tuners. Subclasses set ``prefix``, ``tuner_layer_cls`` and ``layer_cls``."""
+
+    layer_cls: type
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(
+        self,
+        peft_config: Any,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, SparseDeltaLayer):
+            target.update_layer(adapter_name, peft_config, current_key)
+            return
+        if not supported_weight(target):
+            raise TypeError(
+                f"target module {current_key!r} is a {type(target).__name__}; sparse tuners support torch.nn.Linear "
+                "and transformers' Conv1D"
+            )
+        new_module = self.layer_cls(target, adapter_name, peft_config, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        # Budgets depend on all targets together, so deltas are drawn once every target is wrapped.
+        layers = [m for _, m in _sparse_layers(model) if adapter_name in m.sparse_config]
+        budgets = allocate_budgets(
+            [m.weight_shape for m in layers], config.density, config.num_tunable_weights, config.match_lora_rank
+        )
+        for layer, budget in zip(layers, budgets):
+            layer.init_delta(adapter_name, budget)
+
+    # ----------------------------------------------------------------------------------------- loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        # A saved delta has its own positions and size; they replace the random ones drawn at injection after
+        # every layer has been checked, so a bad file changes nothing.
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        installs, errors = [], []
+        for name, layer in _sparse_layers(model):
+            if adapter_name not in layer.sparse_config:
+                continue
+            tensors = {}
+            for attr in layer.adapter_layer_names + layer.other_param_names:
+                key = f"{name}.{attr}.{adapter_name}" if name else f"{attr}.{adapter_name}"
+                if key in state_dict:
+                    tensors[attr] = state_dict[key]
+            if "sparse_values" not in tensors or "sparse_indices" not in tensors:
+                errors.append(f"{name}: the checkpoint holds no sparse delta for this layer")
+                continue
+            try:
+                layer.validate_loaded(adapter_name, tensors, name)
+            except ValueError as err:
+                errors.append(str(err))
+                continue
+            installs.append((layer, tensors))
+        if errors:
+            remove_adapter_everywhere(model, adapter_name)
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            raise ValueError(f"cannot load sparse adapter {adapter_name!r}: " + "; ".join(errors[:3]) + more)
+        for layer, tensors in installs:
+            layer.install_loaded(adapter_name, tensors)
+        return state_dict
+
+    # ----------------------------------------------------------------------------------------- composition
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
+        """Add ``adapter_name`` = sum of ``weights[j] * adapters[j]``: union of positions, overlapping values summed.
+
+        The new adapter is not made active (call ``set_adapter``). Adapters with ``modules_to_save`` cannot be
+        combined (their dense heads have no sparse sum).
+        """
+        adapters, weights = list(adapters), [float(w) for w in weights]
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter_name {adapter_name!r} already exists")
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError(f"need as many weights as adapters, got {len(adapters)} adapters and {len(weights)} weights")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"adapters {missing} do not exist; available: {sorted(self.peft_config)}")
+        configs = [self.peft_config[a] for a in adapters]
+        with_heads = [a for a, c in zip(adapters, configs) if c.modules_to_save]
+        if with_heads:
+            raise ValueError(f"adapters {with_heads} have modules_to_save, which add_weighted_adapter cannot combine")
+        new_config = copy.deepcopy(configs[0])
+        new_config.init_weights = True
+        targets = [c.target_modules for c in configs]
+        if all(isinstance(t, (set, list)) for t in targets):
+            new_config.target_modules = set().union(*targets)
+        self.peft_config[adapter_name] = new_config
+        for name, layer in _sparse_layers(self.model):
+            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.sparse_values]
+            if not present:
+                continue
+            weight = layer.get_base_layer().weight
+            indices, values = combine(
+                [(layer.sparse_indices[a], layer.sparse_values[a]) for a, _ in present],
+                [w for _, w in present],
+                weight.numel(),
+            )
+            layer.update_layer(adapter_name, new_config, name)
+            layer.set_delta(adapter_name, indices, values)
+            layer.set_adapter(layer.active_adapters)
+
+
+def _sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseDeltaLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, SparseDeltaLayer):
+            yield name, module
+
+
+def remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from ``model``; layers and heads that held only it go back to the base modules."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_config:
+            if set(module.sparse_config) == {adapter_name}:
+                parent, _, target_name = _get_submodules(model, name)
+                setattr(parent, target_name, module.get_base_layer())
+            else:
+                module.delete_adapter(adapter_name)
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            if set(module.modules_to_save) == {adapter_name}:
+                parent, _, target_name = _get_submodules(model, name)
+                setattr(parent, target_name, module.original_module)
+            else:
+                module.delete_adapter(adapter_name)
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict):
+        configs.pop(adapter_name, None)
+
+
+def sparse_deltas(
+    model: nn.Module, adapter_name: Optional[str] = None
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, tuple[int, int]]]:
+    """Yield ``(module_name, indices, values, shape)`` for every sparse delta of ``adapter_name`` (default: the
+    active adapters).
+
+    ``indices`` are flat row-major positions into a weight of ``shape`` (the base weight as stored); ``values`` is the
+    live trainable tensor. ``module_name`` is relative to the transformers model (no PEFT wrapper prefix).
+    """
+    base = model
+    if isinstance(base, PeftModel):
+        base = base.base_model
+    if isinstance(base, BaseTuner):
+        base = base.model
+    for name, layer in _sparse_layers(base):
+        adapters = [adapter_name] if adapter_name is not None else layer.active_adapters
+        for adapter in adapters:
+            if adapter in layer.sparse_values:
+                yield name, layer.sparse_indices[adapter], layer.sparse_values[adapter], layer.weight_shape

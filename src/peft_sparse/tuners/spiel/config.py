@@ -1,0 +1,125 @@
+"""SpIELConfig: the public contract of the SpIEL tuner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from ..._registration import ensure_peft_type
+from ...kernels import BACKENDS
+from ...selection import SCHEDULES
+from ..sparse_layer import DTYPES
+
+SELECTIONS = ("ag", "ma", "random")
+DEFAULT_DENSITY = 0.01
+
+
+@dataclass
+class SpIELConfig(PeftConfig):
+    """Configuration of a SpIEL (Sparse Iterative Efficient Learning) adapter.
+
+    Budget: set exactly one of ``density``, ``num_tunable_weights`` or ``match_lora_rank``; with none set,
+    ``density=0.01``. Every S = ``reselection_steps`` optimizer updates the entries that changed least are dropped and
+    as many new ones are grown, by accumulated gradients ("ag"), SM3 row/column statistics ("ma") or at random.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (list), a regex, or 'all-linear' to wrap with sparse deltas. None: the architecture's "
+            "default (as for LoRA)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names (list) or a regex to exclude from target_modules."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained densely and saved whole beside the deltas (e.g. heads)."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices (as in PEFT's LoRA)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers'."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: deltas start at zero. False: small random values (for tests)."}
+    )
+    density: Optional[float] = field(
+        default=None, metadata={"help": "Fraction of each targeted weight that is tunable, in (0, 1]."}
+    )
+    num_tunable_weights: Optional[int] = field(
+        default=None, metadata={"help": "Total tunable entries, spread in proportion to each target's size."}
+    )
+    match_lora_rank: Optional[int] = field(
+        default=None,
+        metadata={"help": "Give each target r * (in + out) entries: the parameter count of LoRA at rank r."},
+    )
+    selection: str = field(default="ag", metadata={"help": "Growth criterion: 'ag', 'ma' or 'random'."})
+    reselection_steps: int = field(default=20, metadata={"help": "S: optimizer updates between reselections."})
+    accumulation_steps: int = field(
+        default=5, metadata={"help": "gamma: updates of gradient estimation before each reselection (AG)."}
+    )
+    initial_reselection_rate: float = field(
+        default=0.2, metadata={"help": "xi: fraction of entries replaced at the second reselection, then decayed."}
+    )
+    reselection_schedule: str = field(default="linear", metadata={"help": "Decay of xi: 'linear' or 'cosine'."})
+    total_steps: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "T: total optimizer updates. None: the HF Trainer's max_steps at train start; in a plain loop "
+            "without it, xi is not decayed."
+        },
+    )
+    delta_dtype: str = field(default="float32", metadata={"help": "dtype of the values: float32, bfloat16, float16."})
+    seed: int = field(default=0, metadata={"help": "Seed of the initial and random indices; same on every process."})
+    kernel_backend: str = field(
+        default="auto",
+        metadata={"help": "'auto', 'torch' or 'triton'; the environment variable PEFT_SPARSE_KERNEL_BACKEND wins."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("SPIEL")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is only used with layers_to_transform, which is None")
+        budgets = [n for n in ("density", "num_tunable_weights", "match_lora_rank") if getattr(self, n) is not None]
+        if len(budgets) > 1:
+            raise ValueError(f"set only one of density, num_tunable_weights, match_lora_rank; got {budgets}")
+        if not budgets:
+            self.density = DEFAULT_DENSITY
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.num_tunable_weights is not None and (
+            not isinstance(self.num_tunable_weights, int) or self.num_tunable_weights < 1
+        ):
+            raise ValueError(f"num_tunable_weights must be a positive integer, got {self.num_tunable_weights!r}")
+        if self.match_lora_rank is not None and (not isinstance(self.match_lora_rank, int) or self.match_lora_rank < 1):
+            raise ValueError(f"match_lora_rank must be a positive integer, got {self.match_lora_rank!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if not isinstance(self.reselection_steps, int) or self.reselection_steps < 1:
+            raise ValueError(f"reselection_steps must be a positive integer, got {self.reselection_steps!r}")
+        if not isinstance(self.accumulation_steps, int) or not 1 <= self.accumulation_steps <= self.reselection_steps:
+            raise ValueError(
+                f"accumulation_steps must be an integer in [1, reselection_steps={self.reselection_steps}], "
+                f"got {self.accumulation_steps!r}"
+            )
+        if not 0.0 <= self.initial_reselection_rate <= 1.0:
+            raise ValueError(f"initial_reselection_rate must be in [0, 1], got {self.initial_reselection_rate}")
+        if self.reselection_schedule not in SCHEDULES:
+            raise ValueError(f"reselection_schedule must be one of {SCHEDULES}, got {self.reselection_schedule!r}")
+        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
+            raise ValueError(f"total_steps must be a positive integer or None, got {self.total_steps!r}")
+        if self.delta_dtype not in DTYPES:
+            raise ValueError(f"delta_dtype must be one of {tuple(DTYPES)}, got {self.delta_dtype!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.kernel_backend not in BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}")

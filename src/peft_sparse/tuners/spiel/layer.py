@@ -1,0 +1,273 @@
+"""The SpIEL layer: a sparse delta whose positions are dropped and regrown during training (SPEC section 1).
+
+Training state per adapter, saved with the adapter so that a resumed run equals the uninterrupted one:
+``spiel_step`` (optimizer updates seen), ``spiel_row_stats``/``spiel_col_stats`` (SpIEL-MA, float32, ``rows`` and
+``cols`` numbers) and ``spiel_candidates``/``spiel_candidate_grad``/``spiel_candidate_sq`` (SpIEL-AG growth
+candidates and their float32 gradient sums during an estimation phase; empty otherwise).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from peft.tuners._buffer_dict import BufferDict
+from torch import nn
+
+from ...delta import check_delta, index_dtype_for
+from ...kernels import sddmm
+from ...optim import reseed_optimizer_state, sm3_accumulate
+from ...selection import (
+    grow_by_accumulated_gradient,
+    grow_by_momentum_approximation,
+    grow_random,
+    in_estimation_phase,
+    is_reselection_step,
+    replace_entries,
+    reselection_count,
+)
+from ...sparse_linear import GradientObserver
+from ..sparse_layer import DTYPES, SparseDeltaLayer
+
+TRAINING_STATE = (
+    "spiel_step",
+    "spiel_row_stats",
+    "spiel_col_stats",
+    "spiel_candidates",
+    "spiel_candidate_grad",
+    "spiel_candidate_sq",
+)
+
+
+class SpIELLayer(SparseDeltaLayer):
+    """Sparse delta with drop-and-grow driven by optimizer updates (see ``peft_sparse.training``)."""
+
+    other_param_names = SparseDeltaLayer.other_param_names + TRAINING_STATE
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        for name in TRAINING_STATE:
+            setattr(self, name, BufferDict(persistent=True))
+        self.layer_seed: dict[str, int] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._step_cache: dict[str, int] = {}
+
+    def update_layer(self, adapter_name: str, config: Any, layer_key: str = "") -> None:
+        """Add ``adapter_name`` with an empty delta and fresh training state; the budget comes later."""
+        self.layer_seed[adapter_name] = zlib.crc32(layer_key.encode())
+        self.add_adapter_slot(adapter_name, config)
+        self.reset_training_state(adapter_name)
+
+    def reset_training_state(self, adapter_name: str) -> None:
+        """Zero the update counter and clear the growth statistics of ``adapter_name``."""
+        config = self.sparse_config[adapter_name]
+        weight = self.get_base_layer().weight
+        rows, cols = self.weight_shape
+        f32 = dict(dtype=torch.float32, device=weight.device)
+        self.spiel_step[adapter_name] = torch.zeros((), dtype=torch.int64, device=weight.device)
+        self._step_cache[adapter_name] = 0
+        ma = config.selection == "ma"
+        self.spiel_row_stats[adapter_name] = torch.zeros(rows if ma else 0, **f32)
+        self.spiel_col_stats[adapter_name] = torch.zeros(cols if ma else 0, **f32)
+        self._clear_candidates(adapter_name)
+
+    def _clear_candidates(self, adapter_name: str) -> None:
+        weight = self.get_base_layer().weight
+        self.spiel_candidates[adapter_name] = torch.zeros(
+            0, dtype=index_dtype_for(weight.numel()), device=weight.device
+        )
+        self.spiel_candidate_grad[adapter_name] = torch.zeros(0, dtype=torch.float32, device=weight.device)
+        self.spiel_candidate_sq[adapter_name] = torch.zeros(0, dtype=torch.float32, device=weight.device)
+        self._pending.pop(adapter_name, None)
+
+    def init_delta(self, adapter_name: str, budget: int) -> None:
+        """Give ``adapter_name`` ``budget`` random positions (seeded by ``config.seed`` and the layer's name)."""
+        config = self.sparse_config[adapter_name]
+        weight = self.get_base_layer().weight
+        generator = self._generator(adapter_name, 0)
+        indices = grow_random(weight.numel(), torch.zeros(0, dtype=torch.long), budget, generator)
+        if config.init_weights:
+            values = torch.zeros(indices.numel())
+        else:  # a non-zero delta, for tests
+            values = torch.randn(indices.numel(), generator=generator) * 0.1
+        self.set_delta(adapter_name, indices, values.to(DTYPES[config.delta_dtype]))
+
+    def _generator(self, adapter_name: str, step: int) -> torch.Generator:
+        seed = self.sparse_config[adapter_name].seed
+        mixed = (seed * 1_000_003 + self.layer_seed.get(adapter_name, 0) * 7919 + step) % (2**63)
+        return torch.Generator().manual_seed(mixed)
+
+    # ----------------------------------------------------------------------------------------- state
+    def current_step(self, adapter_name: str) -> int:
+        """Number of optimizer updates this adapter has seen."""
+        if adapter_name not in self._step_cache:
+            self._step_cache[adapter_name] = int(self.spiel_step[adapter_name])
+        return self._step_cache[adapter_name]
+
+    def validate_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+        super().validate_loaded(adapter_name, tensors, where)
+        rows, cols = self.weight_shape
+        for name, allowed in (("spiel_row_stats", (0, rows)), ("spiel_col_stats", (0, cols))):
+            if name in tensors and tensors[name].numel() not in allowed:
+                raise ValueError(f"{where}: {name} has {tensors[name].numel()} entries, expected 0 or {allowed[1]}")
+        sizes = {tensors[n].numel() for n in TRAINING_STATE[3:] if n in tensors}
+        if len(sizes) > 1:
+            raise ValueError(f"{where}: growth candidates and their statistics differ in length: {sorted(sizes)}")
+        if "spiel_candidates" in tensors and tensors["spiel_candidates"].numel():
+            empty = tensors["spiel_candidates"][:0].float()
+            check_delta(tensors["spiel_candidates"], empty.new_zeros(tensors["spiel_candidates"].numel()),
+                        self.weight_shape, f"{where} (growth candidates)")
+
+    def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        super().install_loaded(adapter_name, tensors)
+        self._step_cache.pop(adapter_name, None)
+        self._pending.pop(adapter_name, None)
+
+    # ----------------------------------------------------------------------------------------- estimation
+    def _estimating_adapters(self) -> list[str]:
+        if not (self.training and torch.is_grad_enabled()):
+            return []
+        out = []
+        for adapter, _, values in self.active_deltas():
+            config = self.sparse_config[adapter]
+            if config.selection != "ag" or not values.requires_grad:
+                continue
+            if in_estimation_phase(
+                self.current_step(adapter) + 1, config.reselection_steps, config.accumulation_steps, config.total_steps
+            ):
+                out.append(adapter)
+        return out
+
+    def gradient_observer(self) -> Optional[GradientObserver]:
+        adapters = self._estimating_adapters()
+        if not adapters:
+            return None
+
+        def observe(a: torch.Tensor, b: torch.Tensor, ncols: int) -> None:
+            for adapter in adapters:
+                self._observe_gradient(adapter, a, b, ncols)
+
+        return observe
+
+    @torch.no_grad()
+    def _observe_gradient(self, adapter: str, a: torch.Tensor, b: torch.Tensor, ncols: int) -> None:
+        # The first micro-batch of a phase picks the candidates from the dense gradient (freed right away);
+        # later ones only gather the gradient at the candidates.
+        candidates = self.spiel_candidates[adapter]
+        if candidates.numel() == 0:
+            dense = a.float().t() @ b.float()
+            budget = self.sparse_values[adapter].numel()
+            top = torch.topk(dense.view(-1).abs(), budget, sorted=False).indices
+            candidates = top.to(self.spiel_candidates[adapter].dtype)
+            self.spiel_candidates[adapter] = candidates
+            self.spiel_candidate_grad[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
+            self.spiel_candidate_sq[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
+            grad = dense.view(-1)[top]
+            del dense
+        else:
+            grad = sddmm(a, b, candidates, ncols, self.sparse_config[adapter].kernel_backend)
+        if adapter in self._pending:
+            self._pending[adapter] += grad
+        else:
+            self._pending[adapter] = grad
+
+    # ----------------------------------------------------------------------------------------- updates
+    @torch.no_grad()
+    def after_optimizer_step(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
+        """Account for one optimizer update of ``adapter_name``'s values: statistics, then reselection if due."""
+        config = self.sparse_config[adapter_name]
+        values = self.sparse_values[adapter_name]
+        step = self.current_step(adapter_name) + 1
+        self.spiel_step[adapter_name].fill_(step)
+        self._step_cache[adapter_name] = step
+        if config.selection == "ma" and values.grad is not None and values.numel():
+            idx = self.sparse_indices[adapter_name].long()
+            cols = self.weight_shape[1]
+            sm3_accumulate(
+                self.spiel_row_stats[adapter_name], self.spiel_col_stats[adapter_name], idx // cols, idx % cols,
+                values.grad,
+            )
+        pending = self._pending.pop(adapter_name, None)
+        if pending is not None:
+            self.spiel_candidate_grad[adapter_name] += pending
+            self.spiel_candidate_sq[adapter_name] += pending * pending
+        if is_reselection_step(step, config.reselection_steps, config.total_steps):
+            self.reselect(adapter_name, optimizer, step)
+
+    @torch.no_grad()
+    def reselect(self, adapter_name: str, optimizer: Optional[torch.optim.Optimizer], step: int) -> int:
+        """Drop and regrow entries of ``adapter_name`` after update ``step``; returns how many slots changed.
+
+        Regrown slots get value 0 and re-seeded optimizer state (AG: the estimated moments).
+        """
+        config = self.sparse_config[adapter_name]
+        values, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
+        k = reselection_count(
+            step, values.numel(), config.reselection_steps, config.initial_reselection_rate, config.total_steps,
+            config.reselection_schedule,
+        )
+        numel = self.get_base_layer().weight.numel()
+        positions_of = None
+        mean = mean_sq = None
+        if config.selection == "ag":
+            candidates = self.spiel_candidates[adapter_name]
+            updates = max(1, min(config.accumulation_steps, step))
+            mean = self.spiel_candidate_grad[adapter_name] / updates
+            mean_sq = self.spiel_candidate_sq[adapter_name] / updates
+
+            def grow(excluded, n):
+                return grow_by_accumulated_gradient(candidates, mean, excluded, n)
+
+            def positions_of(chosen):
+                return candidates[chosen]
+        elif config.selection == "ma":
+            row, col = self.spiel_row_stats[adapter_name], self.spiel_col_stats[adapter_name]
+
+            def grow(excluded, n):
+                return grow_by_momentum_approximation(row, col, excluded, n, config.kernel_backend)
+        else:
+            generator = self._generator(adapter_name, step)
+
+            def grow(excluded, n):
+                return grow_random(numel, excluded, n, generator)
+
+        slots, new_positions, chosen = replace_entries(indices, values, k, grow, positions_of)
+        indices[slots] = new_positions.to(indices.dtype)
+        values[slots] = 0
+        if optimizer is not None:
+            if mean is not None:
+                reseed_optimizer_state(optimizer, values, slots, mean[chosen], mean_sq[chosen])
+            else:
+                reseed_optimizer_state(optimizer, values, slots)
+            self._sync_across_processes(adapter_name, optimizer)
+        if config.selection == "ag":
+            self._clear_candidates(adapter_name)
+        return int(slots.numel())
+
+    def _sync_across_processes(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
+        # Growth statistics are per process; rank 0's choice is made everyone's so indices never diverge.
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        values = self.sparse_values[adapter_name]
+        tensors = [self.sparse_indices[adapter_name], values.data]
+        state = optimizer.state.get(values, {})
+        tensors += [t for t in state.values() if torch.is_tensor(t) and t.shape == values.shape]
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
+class SpIELLinear(nn.Module, SpIELLayer):
+    """SpIEL on ``nn.Linear`` or transformers' ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, layer_key: str = "") -> None:
+        super().__init__()
+        SpIELLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, layer_key)
+
+    forward = SparseDeltaLayer.forward
+
+    def __repr__(self) -> str:
+        return "spiel." + super().__repr__()
