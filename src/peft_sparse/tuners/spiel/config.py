@@ -106,9 +106,12 @@ class SpIELConfig(PeftConfig):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if not isinstance(self.reselection_steps, int) or self.reselection_steps < 1:
             raise ValueError(f"reselection_steps must be a positive integer, got {self.reselection_steps!r}")
-        if not isinstance(self.accumulation_steps, int) or not 1 <= self.accumulation_steps <= self.reselection_steps:
+        if not isinstance(self.accumulation_steps, int) or self.accumulation_steps < 1 or (
+            self.selection == "ag" and self.accumulation_steps > self.reselection_steps
+        ):
             raise ValueError(
-                f"accumulation_steps must be an integer in [1, reselection_steps={self.reselection_steps}], "
+                f"accumulation_steps must be a positive integer, at most reselection_steps={self.reselection_steps} "
+                f"for selection 'ag', "
                 f"got {self.accumulation_steps!r}"
             )
         if not 0.0 <= self.initial_reselection_rate <= 1.0:

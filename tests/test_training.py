@@ -1,0 +1,293 @@
+"""Drop and grow during training, against dense references (SPEC section 1)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import peft_sparse
+from peft_sparse import SM3, SpIELConfig
+from peft_sparse.selection import reselection_count
+
+VOCAB = 48
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+def batches(n, batch=4, length=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, length), generator=g) for _ in range(n)]
+
+
+def layer_of(model, name="model.layers.0.self_attn.q_proj"):
+    return model.get_submodule("base_model.model." + name)
+
+
+def dense_grad(reference, name, x):
+    """Gradient of the dense weight ``name`` of ``reference`` (a plain model) on batch ``x``."""
+    reference.zero_grad()
+    weight = reference.get_submodule(name).weight
+    weight.requires_grad_(True)
+    reference(input_ids=x, labels=x).loss.backward()
+    return weight.grad.detach().clone()
+
+
+def run_loop(model, optimizer, data):
+    for x in data:
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_ag_selects_candidates_and_seeds_adam_moments():
+    base = tiny_llama()
+    reference = copy.deepcopy(base)
+    config = SpIELConfig(target_modules=["q_proj"], density=0.05, reselection_steps=4, accumulation_steps=2)
+    model = get_peft_model(base, config)
+    layer = layer_of(model)
+    budget = layer.sparse_values["default"].numel()
+    optimizer = torch.optim.AdamW([layer.sparse_values["default"]], lr=0.0, weight_decay=0.0)
+    # lr = 0 keeps the weights fixed, so a dense model gives the reference gradients
+    data = batches(8)
+    run_loop(model, optimizer, data[:4])
+    name = "model.layers.0.self_attn.q_proj"
+    g = {t: dense_grad(reference, name, data[t - 1]).view(-1) for t in (3, 4, 7, 8)}
+    first = torch.topk(g[3].abs(), budget).indices
+    assert set(layer.sparse_indices["default"].tolist()) == set(first.tolist())
+
+    before = layer.sparse_indices["default"].clone()
+    run_loop(model, optimizer, data[4:])
+    candidates = torch.topk(g[7].abs(), budget).indices
+    mean = (g[7] + g[8])[candidates] / 2
+    mean_sq = (g[7] ** 2 + g[8] ** 2)[candidates] / 2
+    k = reselection_count(8, budget, 4, 0.2, None)
+    kept = set(before[k:].tolist())  # all values are 0: the stable sort drops the first k slots
+    order = [i for i in torch.argsort(mean.abs(), descending=True).tolist() if candidates[i].item() not in kept][:k]
+    grown = {candidates[i].item() for i in order}
+    after = layer.sparse_indices["default"]
+    assert set(after.tolist()) == kept | grown
+    assert after.unique().numel() == budget
+    state = optimizer.state[layer.sparse_values["default"]]
+    lookup = {candidates[i].item(): i for i in range(budget)}
+    new_slots = [s for s in range(budget) if after[s] != before[s]]
+    assert new_slots, "the second reselection should grow new positions"
+    for slot in new_slots:
+        i = lookup[after[slot].item()]
+        assert math.isclose(state["exp_avg"][slot].item() / (1 - 0.9**8), mean[i].item(), rel_tol=1e-4, abs_tol=1e-9)
+        assert math.isclose(state["exp_avg_sq"][slot].item() / (1 - 0.999**8), mean_sq[i].item(), rel_tol=1e-4)
+
+
+def sm3_reference(grads, positions, rows, cols):
+    """Row/column SM3-II accumulators, entry by entry."""
+    r, c = [0.0] * rows, [0.0] * cols
+    for grad, pos in zip(grads, positions):
+        nu = {}
+        for g, p in zip(grad.tolist(), pos.tolist()):
+            o, i = divmod(p, cols)
+            nu[p] = min(r[o], c[i]) + g * g
+        for p, v in nu.items():
+            o, i = divmod(p, cols)
+            r[o] = v if r[o] is None else r[o]
+        new_r, new_c = list(r), list(c)
+        touched_r, touched_c = {}, {}
+        for p, v in nu.items():
+            o, i = divmod(p, cols)
+            touched_r[o] = max(touched_r.get(o, v), v)
+            touched_c[i] = max(touched_c.get(i, v), v)
+        for o, v in touched_r.items():
+            new_r[o] = v
+        for i, v in touched_c.items():
+            new_c[i] = v
+        r, c = new_r, new_c
+    return torch.tensor(r), torch.tensor(c)
+
+
+def test_ma_grows_by_row_column_statistics_with_sm3():
+    config = SpIELConfig(target_modules=["q_proj"], density=0.05, selection="ma", reselection_steps=4)
+    model = get_peft_model(tiny_llama(), config)
+    layer = layer_of(model)
+    values = layer.sparse_values["default"]
+    optimizer = SM3([values], lr=1e-3)
+    grads, positions = [], []
+    for x in batches(4):
+        model(input_ids=x, labels=x).loss.backward()
+        grads.append(values.grad.clone())
+        positions.append(layer.sparse_indices["default"].long().clone())
+        optimizer.step()
+        optimizer.zero_grad()
+    rows, cols = layer.weight_shape
+    r, c = sm3_reference(grads, positions, rows, cols)
+    torch.testing.assert_close(layer.spiel_row_stats["default"], r)
+    torch.testing.assert_close(layer.spiel_col_stats["default"], c)
+    expected = torch.topk((r[:, None] * c[None, :]).view(-1), values.numel()).indices
+    assert set(layer.sparse_indices["default"].tolist()) == set(expected.tolist())
+    assert optimizer.state[values]["row_accumulator"].shape == (rows,)
+
+
+def test_random_selection_is_seeded_unique_and_in_range():
+    def final_indices(seed):
+        config = SpIELConfig(target_modules=["q_proj", "v_proj"], density=0.1, selection="random",
+                             reselection_steps=2, seed=seed, total_steps=10)
+        model = get_peft_model(tiny_llama(), config)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        start = layer_of(model).sparse_indices["default"].clone()
+        run_loop(model, optimizer, batches(6))
+        return start, layer_of(model).sparse_indices["default"].clone(), layer_of(model)
+
+    start, a, layer = final_indices(0)
+    _, b, _ = final_indices(0)
+    _, c, _ = final_indices(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.unique().numel() == a.numel() == start.numel()
+    assert int(a.min()) >= 0 and int(a.max()) < layer.get_base_layer().weight.numel()
+    assert len(set(a.tolist()) & set(start.tolist())) < a.numel() // 2
+
+
+def test_schedule_limits_how_many_entries_change():
+    config = SpIELConfig(target_modules=["q_proj"], density=0.2, selection="random", reselection_steps=2,
+                         total_steps=12, initial_reselection_rate=0.5)
+    model = get_peft_model(tiny_llama(), config)
+    layer = layer_of(model)
+    budget = layer.sparse_values["default"].numel()
+    optimizer = torch.optim.AdamW([layer.sparse_values["default"]], lr=1e-2)
+    previous = layer.sparse_indices["default"].clone()
+    for step, x in enumerate(batches(11), start=1):
+        run_loop(model, optimizer, [x])
+        current = layer.sparse_indices["default"].clone()
+        changed = int((current != previous).sum())
+        allowed = reselection_count(step, budget, 2, 0.5, 12)
+        assert changed <= allowed
+        if step > 2 and allowed:
+            assert changed >= allowed // 2
+        previous = current
+    assert int(layer.spiel_step["default"]) == 11
+
+
+def test_unknown_optimizer_state_is_an_error():
+    class Odd(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p]["odd"] = torch.zeros(3)
+
+    config = SpIELConfig(target_modules=["q_proj"], density=0.05, selection="random", reselection_steps=1)
+    model = get_peft_model(tiny_llama(), config)
+    optimizer = Odd([layer_of(model).sparse_values["default"]])
+    x = batches(1)[0]
+    model(input_ids=x, labels=x).loss.backward()
+    with pytest.raises(ValueError, match="cannot re-seed state 'odd' of Odd"):
+        optimizer.step()
+
+
+def patterned_dataset(n=64, length=16):
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, VOCAB, (n, 1), generator=g)
+    ids = (starts + torch.arange(length)) % VOCAB  # next token = previous + 1: learnable by small deltas
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def trainer_args(tmp_path, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8, learning_rate=3e-2,
+        report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, seed=0, data_seed=0,
+        lr_scheduler_type="constant",
+    )
+    defaults.update(kw)
+    return TrainingArguments(**defaults)
+
+
+@pytest.mark.parametrize("selection", ["ag", "ma", "random"])
+def test_trainer_reselects_and_loss_falls(tmp_path, selection):
+    config = SpIELConfig(target_modules="all-linear", density=0.1, selection=selection, reselection_steps=6,
+                         accumulation_steps=2)
+    model = get_peft_model(tiny_llama(), config)
+    start = layer_of(model).sparse_indices["default"].clone()
+    data = patterned_dataset()
+    kwargs = {}
+    if selection == "ma":
+        kwargs["optimizer_cls_and_kwargs"] = (SM3, {"lr": 3e-2})
+    trainer = Trainer(model=model, args=trainer_args(tmp_path), train_dataset=data, eval_dataset=data, **kwargs)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.05
+    assert config.total_steps == 24  # taken from the Trainer
+    layer = layer_of(model)
+    assert int(layer.spiel_step["default"]) == 24
+    final = layer.sparse_indices["default"]
+    assert final.unique().numel() == start.numel()
+    assert len(set(final.tolist()) & set(start.tolist())) < start.numel() // 2
+
+
+def test_gradient_accumulation_counts_updates_not_micro_batches(tmp_path):
+    config = SpIELConfig(target_modules=["q_proj"], density=0.1, reselection_steps=3, accumulation_steps=2)
+    model = get_peft_model(tiny_llama(), config)
+    args = trainer_args(tmp_path, max_steps=7, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    Trainer(model=model, args=args, train_dataset=patterned_dataset()).train()
+    assert int(layer_of(model).spiel_step["default"]) == 7
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    def make():
+        config = SpIELConfig(target_modules="all-linear", density=0.1, reselection_steps=4, accumulation_steps=2,
+                             selection="ag")
+        return get_peft_model(tiny_llama(), config)
+
+    data = patterned_dataset()
+    args = dict(max_steps=10, save_strategy="steps", save_steps=7, lr_scheduler_type="linear")
+    full = make()
+    Trainer(model=full, args=trainer_args(tmp_path / "a", **args), train_dataset=data).train()
+    resumed = make()
+    # checkpoint-7 lies inside the estimation phase of the reselection at update 8
+    Trainer(model=resumed, args=trainer_args(tmp_path / "b", **args), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-7")
+    )
+    pairs = list(zip(peft_sparse.sparse_deltas(full), peft_sparse.sparse_deltas(resumed)))
+    assert pairs
+    for (name, idx_a, val_a, _), (_, idx_b, val_b, _) in pairs:
+        assert torch.equal(idx_a, idx_b), name
+        torch.testing.assert_close(val_a, val_b, rtol=1e-5, atol=1e-7)
+
+
+def test_sft_trainer_with_spiel_config(tmp_path):
+    trl = pytest.importorskip("trl")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the cat sat on a mat and dog ran to big red house small blue car".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        eos_token="[EOS]")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=2,
+    ))
+    texts = [" ".join(words[i % 5: i % 5 + 6]) for i in range(40)]
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2,
+                         report_to="none", use_cpu=True, save_strategy="no", max_length=16)
+    config = SpIELConfig(target_modules="all-linear", density=0.05, reselection_steps=4, accumulation_steps=2)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                             processing_class=tokenizer, peft_config=config)
+    trainer.train()
+    assert isinstance(trainer.model, PeftModel)
+    layer = trainer.model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert int(layer.spiel_step["default"]) == 8
+    assert any(v.abs().sum() > 0 for _, _, v, _ in peft_sparse.sparse_deltas(trainer.model))
