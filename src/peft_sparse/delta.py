@@ -54,11 +54,13 @@ def to_dense(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]
 
 
 def merge_exact(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Add the delta into ``weight`` in place; return the original values at ``indices`` for ``restore_exact``."""
+    """Add the delta (unique ``indices``) into ``weight`` in place; return the original values at ``indices`` for
+    ``restore_exact``."""
     flat = weight.data.view(-1)
     idx = indices.to(flat.device)
     originals = flat[idx].clone()
-    flat.index_add_(0, idx, values.detach().to(flat.dtype))
+    # one rounding to the weight's dtype, as in the forward
+    flat[idx] = (originals.float() + values.detach().float().to(flat.device)).to(flat.dtype)
     return originals
 
 
