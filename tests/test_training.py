@@ -291,3 +291,28 @@ def test_sft_trainer_with_spiel_config(tmp_path):
     layer = trainer.model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
     assert int(layer.spiel_step["default"]) == 8
     assert any(v.abs().sum() > 0 for _, _, v, _ in peft_sparse.sparse_deltas(trainer.model))
+
+
+def value_grads(model, x):
+    model.zero_grad()
+    model(input_ids=x, labels=x).loss.backward()
+    return [v.grad.clone() for _, _, v, _ in peft_sparse.sparse_deltas(model)]
+
+
+def test_gradient_checkpointing_and_autocast_give_the_same_value_gradients():
+    config = SpIELConfig(target_modules="all-linear", density=0.1, init_weights=False)
+    model = get_peft_model(tiny_llama(), config)
+    model.train()
+    x = batches(1)[0]
+    plain = value_grads(model, x)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.model.enable_input_require_grads()
+    checkpointed = value_grads(model, x)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b)
+    model.base_model.model.gradient_checkpointing_disable()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = value_grads(model, x)
+    for a, b in zip(plain, low):
+        assert b.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98
