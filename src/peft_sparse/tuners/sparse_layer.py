@@ -156,9 +156,10 @@ class SparseDeltaLayer(BaseTunerLayer):
             self._tag_owner(adapter, values)
         if len(deltas) == 1:
             indices, values = deltas[0][1], deltas[0][2]
-        else:
-            indices = torch.cat([d[1].long() for d in deltas])
-            values = torch.cat([d[2].float() for d in deltas])
+        else:  # several active adapters: one delta with unique positions, overlapping values summed
+            indices, inverse = torch.unique(torch.cat([d[1].long() for d in deltas]), return_inverse=True)
+            summed = torch.cat([d[2].float() for d in deltas])
+            values = summed.new_zeros(indices.numel()).index_add(0, inverse, summed)
         base = self.get_base_layer()
         backend = self.sparse_config[deltas[0][0]].kernel_backend
         return sparse_delta_linear(

@@ -1,0 +1,550 @@
+"""Speed and memory of the sparse-delta kernels on Llama-7B projection shapes.
+
+Measures, in bf16 on one GPU:
+
+- value gradient: dense ``dY.T @ X`` then gather K entries (what earlier implementations do) against the Triton
+  SDDMM, in its default (operands as given) and token-major (operands transposed first) layouts;
+- a linear layer's forward + backward: frozen ``nn.Linear``-style GEMMs, the sparse-delta layer (merged: ``apply_delta``
+  then GEMM, values' gradient by SDDMM; and, where ``tokens * K`` is small enough, the split formulation), and LoRA
+  of the same parameter count (``r = K / (in + out)``, dropout 0);
+- ``apply_delta`` (clone + scatter) and ``topk_outer_product`` (SpIEL-MA growth) against their PyTorch references.
+
+Writes ``bench_kernels_<device>.json``, ``.md`` and ``.png`` into ``--out`` (default ``benchmarks/results/``) with the
+device name and the date. Needs CUDA; ``--device cpu --small`` runs tiny shapes with the Triton kernels in Triton's
+interpreter, only to check that the script works (its timings mean nothing).
+
+Usage: ``python benchmarks/bench_kernels.py [--out DIR] [--repeats N]`` or
+``python benchmarks/bench_kernels.py --device cpu --small``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+LLAMA_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # [out, in]: q/k/v/o, down, gate/up
+LLAMA_TOKENS = [2048, 8192, 32768]
+SMALL_SHAPES = [(33, 65), (64, 48), (48, 64)]
+SMALL_TOKENS = [16, 37]
+DENSITIES = [0.005, 0.01, 0.025, 0.05]
+# Fraction of K regrown at a SpIEL-MA reselection (initial_reselection_rate, SPEC section 1).
+GROWTH_FRACTION = 0.2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; ``--device cpu`` requires ``--small``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output folder")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu runs the Triton interpreter")
+    parser.add_argument("--small", action="store_true", help="tiny shapes: a smoke test of the script")
+    parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per measurement (median kept)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (the first compiles kernels)")
+    parser.add_argument("--budget-s", type=float, default=5.0, help="stop repeating a measurement after this long")
+    parser.add_argument(
+        "--split-max-ratio",
+        type=float,
+        default=64.0,
+        help="run the split formulation only where tokens * K <= this * out * in (it is slow beyond)",
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and not args.small:
+        parser.error("--device cpu runs Triton's interpreter and needs --small")
+    if args.repeats < 1 or args.warmup < 1:
+        parser.error(f"--repeats and --warmup must be >= 1, got {args.repeats} and {args.warmup}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every measurement and write the result files; returns the process exit code."""
+    args = parse_args(argv)
+    if args.device == "cpu":
+        # Must be set before the kernels are defined (at import) for them to run on CPU tensors.
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_kernels: CUDA is not available, nothing measured. Run it on a GPU, or check the script with")
+        print("  python benchmarks/bench_kernels.py --device cpu --small")
+        return 0
+    bench = Bench(args)
+    results = bench.run()
+    write_results(results, args.out)
+    return 0
+
+
+class Bench:
+    """Holds the configuration and runs the four groups of measurements."""
+
+    def __init__(self, args: argparse.Namespace):
+        import torch
+
+        from peft_sparse import kernels
+
+        self.torch = torch
+        self.kernels = kernels
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16
+        self.shapes = SMALL_SHAPES if args.small else LLAMA_SHAPES
+        self.tokens = SMALL_TOKENS if args.small else LLAMA_TOKENS
+        if args.small:
+            args.repeats, args.warmup = min(args.repeats, 2), 1
+
+    # ------------------------------------------------------------------------------------------------ timing
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def measure(self, fn) -> dict:
+        """Median milliseconds of ``fn()`` over the repeats, and its peak extra memory in MiB (CUDA only)."""
+        torch = self.torch
+        for _ in range(self.args.warmup):
+            fn()
+        self._sync()
+        times: list[float] = []
+        for _ in range(self.args.repeats):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                began = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - began) * 1e3)
+            if len(times) >= 3 and sum(times) > self.args.budget_s * 1e3:
+                break
+        peak = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+            fn()
+            self._sync()
+            peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+        return {"time_ms": statistics.median(times), "repeats": len(times), "peak_mib": peak}
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def _indices(self, numel: int, k: int):
+        torch = self.torch
+        index_dtype = torch.int64 if numel >= 2**31 else torch.int32
+        gen = torch.Generator(device=self.device).manual_seed(k)
+        return torch.randperm(numel, generator=gen, device=self.device)[:k].to(index_dtype)
+
+    def _randn(self, *shape, scale: float = 1.0):
+        return self.torch.randn(*shape, device=self.device, dtype=self.dtype) * scale
+
+    def _free(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------------------------ groups
+
+    def run(self) -> dict:
+        torch = self.torch
+        import triton
+
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        meta = {
+            "device": name,
+            "device_type": self.device.type,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "small": self.args.small,
+            "interpreter": self.device.type == "cpu",
+            "repeats": self.args.repeats,
+            "warmup": self.args.warmup,
+        }
+        results = {"meta": meta, "value_gradient": [], "layer": [], "apply_delta": [], "topk_outer_product": []}
+        for out_f, in_f in self.shapes:
+            for density in DENSITIES:
+                results["apply_delta"] += self.bench_apply_delta(out_f, in_f, density)
+                results["topk_outer_product"] += self.bench_topk(out_f, in_f, density)
+                self._free()
+                for tokens in self.tokens:
+                    results["value_gradient"] += self.bench_value_gradient(out_f, in_f, tokens, density)
+                    self._free()
+                    results["layer"] += self.bench_layer(out_f, in_f, tokens, density)
+                    self._free()
+                    print(f"done [{out_f}, {in_f}] tokens={tokens} density={density:.3%}", flush=True)
+        return results
+
+    def bench_value_gradient(self, out_f: int, in_f: int, tokens: int, density: float) -> list[dict]:
+        """dL/dvalues of a Linear: dense dY.T @ X + gather against the SDDMM kernel in both layouts."""
+        from peft_sparse.kernels.sddmm import sddmm_launch
+
+        numel = out_f * in_f
+        k = max(1, round(density * numel))
+        dy, x = self._randn(tokens, out_f), self._randn(tokens, in_f)
+        idx = self._indices(numel, k)
+        long_idx = idx.long()
+        element = dy.element_size()
+
+        def dense():
+            return (dy.t() @ x).view(-1)[long_idx].float()
+
+        methods = {
+            "dense_gather": dense,
+            "sddmm": lambda: sddmm_launch(dy, x, idx, in_f),
+            "sddmm_token_major": lambda: sddmm_launch(dy, x, idx, in_f, token_major=True),
+        }
+        # float32 oracle: shows the bf16 rounding of the dense path next to the SDDMM's float32 accumulation.
+        expected = (dy.float().t() @ x.float()).view(-1)[long_idx]
+        rows = []
+        for method, fn in methods.items():
+            record = self.measure(fn)
+            flops = 2 * tokens * (numel if method == "dense_gather" else k)
+            if method == "dense_gather":
+                moved = tokens * (out_f + in_f) * element + numel * element + k * (element + idx.element_size() + 4)
+            else:
+                moved = 2 * tokens * k * element + k * (idx.element_size() + 4)
+            seconds = record["time_ms"] / 1e3
+            max_diff = float((fn() - expected).abs().max())
+            rows.append(
+                {
+                    "shape": [out_f, in_f],
+                    "tokens": tokens,
+                    "density": density,
+                    "k": k,
+                    "method": method,
+                    **record,
+                    "tflops": flops / seconds / 1e12,
+                    "gbps": moved / seconds / 1e9,
+                    "max_abs_diff_vs_fp32": max_diff,
+                }
+            )
+        return rows
+
+    def bench_layer(self, out_f: int, in_f: int, tokens: int, density: float) -> list[dict]:
+        """Forward + backward of frozen, sparse-delta (merged and split) and LoRA linears of equal parameter count."""
+        torch = self.torch
+        functional = torch.nn.functional
+        numel = out_f * in_f
+        k = max(1, round(density * numel))
+        rank = max(1, round(k / (in_f + out_f)))
+        weight = self._randn(out_f, in_f, scale=in_f**-0.5)
+        x = self._randn(tokens, in_f).requires_grad_(True)
+        dy = self._randn(tokens, out_f)
+        idx = self._indices(numel, k)
+        values = torch.zeros(k, device=self.device, dtype=torch.float32).normal_(0, 1e-3).requires_grad_(True)
+        lora_a = self._randn(rank, in_f, scale=in_f**-0.5).requires_grad_(True)
+        lora_b = self._randn(out_f, rank, scale=1e-3).requires_grad_(True)
+        merged = _merged_sparse_linear(self.kernels)
+        product = self.kernels.sparse_delta_product
+
+        def split_forward():
+            return functional.linear(x, weight) + product(x, idx, values, out_f, in_f, setting="triton")
+
+        def step(forward, params):
+            for p in params:
+                p.grad = None
+            forward().backward(dy)
+
+        methods = {
+            "frozen": (lambda: functional.linear(x, weight), [x]),
+            "sparse_merged": (lambda: merged.apply(x, values, weight, idx), [x, values]),
+            "lora": (
+                lambda: functional.linear(x, weight) + (x @ lora_a.t()) @ lora_b.t() * (16 / rank),
+                [x, lora_a, lora_b],
+            ),
+        }
+        if tokens * k <= self.args.split_max_ratio * numel:
+            methods["sparse_split"] = (split_forward, [x, values])
+        rows, frozen_ms = [], None
+        for method, (forward, params) in methods.items():
+            record = self.measure(lambda forward=forward, params=params: step(forward, params))
+            frozen_ms = record["time_ms"] if method == "frozen" else frozen_ms
+            seconds = record["time_ms"] / 1e3
+            rows.append(
+                {
+                    "shape": [out_f, in_f],
+                    "tokens": tokens,
+                    "density": density,
+                    "k": k,
+                    "lora_rank": rank,
+                    "method": method,
+                    **record,
+                    # Two dense GEMMs (y and dx) per step: the frozen layer's work, as a common yardstick.
+                    "tflops_frozen_equivalent": 4 * tokens * numel / seconds / 1e12,
+                    "slowdown_vs_frozen": record["time_ms"] / frozen_ms,
+                }
+            )
+        return rows
+
+    def bench_apply_delta(self, out_f: int, in_f: int, density: float) -> list[dict]:
+        """``W + scatter`` as a new tensor: Triton scatter after a torch clone against the index_add_ reference."""
+        numel = out_f * in_f
+        k = max(1, round(density * numel))
+        weight = self._randn(out_f, in_f)
+        idx = self._indices(numel, k)
+        values = self.torch.randn(k, device=self.device)
+        kernels = self.kernels
+        rows = []
+        for method, fn in (("triton", kernels.apply_delta_triton), ("torch_reference", kernels.apply_delta_reference)):
+            record = self.measure(lambda fn=fn: fn(weight, idx, values))
+            moved = 2 * numel * weight.element_size() + k * (2 * weight.element_size() + idx.element_size() + 4)
+            rows.append(
+                {
+                    "shape": [out_f, in_f],
+                    "density": density,
+                    "k": k,
+                    "method": method,
+                    **record,
+                    "gbps": moved / (record["time_ms"] / 1e3) / 1e9,
+                }
+            )
+        return rows
+
+    def bench_topk(self, out_f: int, in_f: int, density: float) -> list[dict]:
+        """SpIEL-MA growth of ``GROWTH_FRACTION * K`` positions: Triton radix select against the chunked reference."""
+        torch = self.torch
+        numel = out_f * in_f
+        k = max(1, round(density * numel))
+        grow = max(1, round(GROWTH_FRACTION * k))
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        row_scores = torch.rand(out_f, generator=gen, device=self.device)
+        col_scores = torch.rand(in_f, generator=gen, device=self.device)
+        exclude = self._indices(numel, k).long().sort().values
+        kernels = self.kernels
+        rows, results = [], {}
+        for method, fn in (
+            ("triton", kernels.topk_outer_product_triton),
+            ("torch_reference", kernels.topk_outer_product_reference),
+        ):
+            record = self.measure(lambda fn=fn: fn(row_scores, col_scores, exclude, grow))
+            results[method] = fn(row_scores, col_scores, exclude, grow)
+            rows.append({"shape": [out_f, in_f], "density": density, "k": grow, "method": method, **record})
+        same = bool(torch.equal(results["triton"], results["torch_reference"]))
+        for row in rows:
+            row["identical_to_reference"] = same
+        return rows
+
+
+def _merged_sparse_linear(kernels):
+    """The merged sparse-delta linear as an autograd Function over the Triton kernels."""
+    import torch
+    from torch.nn import functional
+
+    class SparseDeltaLinearMerged(torch.autograd.Function):
+        """``y = x @ (W + scatter(idx, values)).T``; W_eff recomputed in backward, values' gradient by SDDMM."""
+
+        @staticmethod
+        def forward(ctx, x, values, weight, indices):
+            ctx.save_for_backward(x, values, weight, indices)
+            return functional.linear(x, kernels.apply_delta(weight, indices, values, setting="triton"))
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, values, weight, indices = ctx.saved_tensors
+            dx = dy @ kernels.apply_delta(weight, indices, values, setting="triton")
+            dv = kernels.sddmm(dy, x, indices, weight.shape[1], setting="triton").to(values.dtype)
+            return dx, dv, None, None
+
+    return SparseDeltaLinearMerged
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(results: dict) -> str:
+    """The results as Markdown tables, with the definitions of the derived numbers."""
+    meta = results["meta"]
+    parts = [
+        "# Sparse-delta kernel benchmark",
+        "",
+        (
+            f"Device: **{meta['device']}**, date {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
+            f"dtype {meta['dtype']}, median of up to {meta['repeats']} runs after {meta['warmup']} warm-up."
+        ),
+    ]
+    if meta["interpreter"]:
+        parts.append("\n**Smoke run on CPU in Triton's interpreter: the timings say nothing about GPU speed.**")
+    parts += [
+        "",
+        (
+            "Definitions: TFLOP/s counts useful multiply-adds (dense: `2 * tokens * out * in`; SDDMM: "
+            "`2 * tokens * K`). GB/s divides a traffic model by the time: dense reads dY and X once and writes "
+            "`out * in`; SDDMM counts every gathered element (`2 * tokens * K`), an upper bound as caches serve "
+            "repeats. Peak MiB is the extra CUDA memory above what was allocated before the call. Layer "
+            "`tflops_frozen_equivalent` is `4 * tokens * out * in` (the frozen layer's two GEMMs) over the time. "
+            "Speed-up is the dense_gather time over the method's; x frozen is the step time over the frozen layer's; "
+            "max diff compares with a float32 dense dY.T @ X."
+        ),
+        "",
+        "## Value gradient: dense dY.T @ X + gather vs SDDMM",
+        "",
+    ]
+    rows = []
+    dense_ms: dict[tuple, float] = {}
+    for r in results["value_gradient"]:
+        key = (tuple(r["shape"]), r["tokens"], r["density"])
+        if r["method"] == "dense_gather":
+            dense_ms[key] = r["time_ms"]
+        rows.append(
+            [
+                f"{r['shape'][0]}x{r['shape'][1]}",
+                r["tokens"],
+                f"{r['density']:.1%}",
+                r["k"],
+                r["method"],
+                r["time_ms"],
+                r["tflops"],
+                r["gbps"],
+                r["peak_mib"],
+                dense_ms[key] / r["time_ms"],
+                r["max_abs_diff_vs_fp32"],
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "out x in",
+                "tokens",
+                "density",
+                "K",
+                "method",
+                "ms",
+                "TFLOP/s",
+                "GB/s",
+                "peak MiB",
+                "speed-up",
+                "max diff",
+            ],
+            rows,
+        )
+    )
+    parts += ["", "## Linear layer forward + backward (frozen, sparse delta, LoRA of equal parameter count)", ""]
+    rows = [
+        [
+            f"{r['shape'][0]}x{r['shape'][1]}",
+            r["tokens"],
+            f"{r['density']:.1%}",
+            r["k"],
+            r["lora_rank"],
+            r["method"],
+            r["time_ms"],
+            r["slowdown_vs_frozen"],
+            r["tflops_frozen_equivalent"],
+            r["peak_mib"],
+        ]
+        for r in results["layer"]
+    ]
+    parts.append(
+        _table(
+            ["out x in", "tokens", "density", "K", "LoRA r", "method", "ms", "x frozen", "TFLOP/s eq.", "peak MiB"],
+            rows,
+        )
+    )
+    parts += ["", "## apply_delta (new tensor W + scatter)", ""]
+    rows = [
+        [f"{r['shape'][0]}x{r['shape'][1]}", f"{r['density']:.1%}", r["k"], r["method"], r["time_ms"], r["gbps"]]
+        for r in results["apply_delta"]
+    ]
+    parts.append(_table(["out x in", "density", "K", "method", "ms", "GB/s"], rows))
+    parts += ["", f"## topk_outer_product (SpIEL-MA growth of {GROWTH_FRACTION:.0%} of K, K active excluded)", ""]
+    rows = [
+        [
+            f"{r['shape'][0]}x{r['shape'][1]}",
+            f"{r['density']:.1%}",
+            r["k"],
+            r["method"],
+            r["time_ms"],
+            r["peak_mib"],
+            r["identical_to_reference"],
+        ]
+        for r in results["topk_outer_product"]
+    ]
+    parts.append(_table(["out x in", "density", "k grown", "method", "ms", "peak MiB", "same as reference"], rows))
+    return "\n".join(parts) + "\n"
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Time against density per shape: value gradient (top) and layer step (bottom). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench_kernels: matplotlib is not installed, no plot written")
+        return False
+    shapes = sorted({tuple(r["shape"]) for r in results["value_gradient"]})
+    tokens = sorted({r["tokens"] for r in results["value_gradient"]})
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5 * len(shapes), 8), squeeze=False)
+    for row, group in enumerate(("value_gradient", "layer")):
+        methods = sorted({r["method"] for r in results[group]})
+        colors = {m: f"C{i}" for i, m in enumerate(methods)}
+        for col, shape in enumerate(shapes):
+            ax = axes[row][col]
+            for method in methods:
+                for t_i, t in enumerate(tokens):
+                    points = sorted(
+                        (r["density"] * 100, r["time_ms"])
+                        for r in results[group]
+                        if tuple(r["shape"]) == shape and r["tokens"] == t and r["method"] == method
+                    )
+                    if points:
+                        xs, ys = zip(*points, strict=True)
+                        label = f"{method}, {t} tok"
+                        ax.plot(xs, ys, styles[t_i % 4], color=colors[method], marker="o", label=label)
+            ax.set_yscale("log")
+            ax.set_xlabel("density (%)")
+            ax.set_ylabel("ms")
+            title = "dL/dvalues" if group == "value_gradient" else "layer fwd+bwd"
+            ax.set_title(f"{title}, [{shape[0]}, {shape[1]}]")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[row][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    meta = results["meta"]
+    fig.suptitle(f"{meta['device']} {meta['dtype']} ({meta['date'][:10]})" + (" INTERPRETER" * meta["interpreter"]))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def write_results(results: dict, out: Path) -> None:
+    """Write JSON, Markdown and PNG named after the device into ``out`` and print the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = results["meta"]
+    slug = "".join(ch if ch.isalnum() else "_" for ch in meta["device"]).strip("_").lower() or "device"
+    if meta["small"]:
+        slug += "_small"
+    stem = out / f"bench_kernels_{slug}"
+    Path(f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    markdown = to_markdown(results)
+    Path(f"{stem}.md").write_text(markdown)
+    plotted = plot(results, Path(f"{stem}.png"))
+    print(markdown)
+    written = [f"{stem}.json", f"{stem}.md"] + ([f"{stem}.png"] if plotted else [])
+    print("wrote " + ", ".join(written))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Sparse-delta ops: each with a PyTorch reference (the CPU path and the test oracle) and, where written, a
+Triton kernel used on CUDA. ``dispatch`` decides which one runs.
+
+Importing this package never needs CUDA, and works without Triton (then only the references exist).
+"""
+
+from . import _triton
+from .apply_delta import apply_delta_reference, apply_delta_triton
+from .dispatch import (
+    BACKENDS,
+    apply_delta,
+    register_triton_op,
+    requested_backend,
+    resolve,
+    sddmm,
+    sparse_delta_matmul,
+    topk_outer_product,
+)
+from .sddmm import sddmm_reference, sddmm_triton
+from .sparse_delta_matmul import (
+    SparseDeltaMatmul,
+    prefer_split_formulation,
+    sparse_delta_matmul_reference,
+    sparse_delta_matmul_triton,
+    sparse_delta_product,
+)
+from .topk_outer_product import topk_outer_product_reference, topk_outer_product_triton
+
+# Without Triton the op modules define no kernels, and dispatch keeps serving the references.
+if _triton.triton is not None:
+    register_triton_op("apply_delta", apply_delta_triton)
+    register_triton_op("sddmm", sddmm_triton)
+    register_triton_op("sparse_delta_matmul", sparse_delta_matmul_triton)
+    register_triton_op("topk_outer_product", topk_outer_product_triton)
+
+__all__ = [
+    "BACKENDS",
+    "SparseDeltaMatmul",
+    "apply_delta",
+    "apply_delta_reference",
+    "apply_delta_triton",
+    "prefer_split_formulation",
+    "register_triton_op",
+    "requested_backend",
+    "resolve",
+    "sddmm",
+    "sddmm_reference",
+    "sddmm_triton",
+    "sparse_delta_matmul",
+    "sparse_delta_matmul_reference",
+    "sparse_delta_matmul_triton",
+    "sparse_delta_product",
+    "topk_outer_product",
+    "topk_outer_product_reference",
+    "topk_outer_product_triton",
+]

@@ -1,0 +1,181 @@
+"""Sampled dense-dense product: the gradient of a sparse delta's values.
+
+For a linear layer ``y = x @ W.T`` the gradient of the delta value at flat position ``p = o * in + i`` is
+``sum_t dy[t, o] * x[t, i]`` (thesis appendix E.4): only K numbers, never the dense ``dy.T @ x``.
+
+The Triton kernel gives each program ``BLOCK_K`` positions and walks the tokens in blocks of ``BLOCK_T``: it gathers
+the ``[BLOCK_T, BLOCK_K]`` tiles ``a[t, row(p)]`` and ``b[t, col(p)]``, multiplies them in float32 and sums over the
+tokens, so memory traffic is ``O(tokens * K)`` gathers and nothing of size ``rows * ncols`` is allocated. When there
+are too few position blocks to fill the GPU, the tokens are split over a second grid axis and the partial sums are
+added by ``torch.sum`` (deterministic, unlike float atomics).
+
+Operand layout: the kernel takes any strides. By default it reads ``a`` and ``b`` as given (token-major rows, no
+copy): the gathers along a token row are scattered. ``token_major=True`` first copies both operands to
+``[features, tokens]`` so that each position reads a contiguous run of tokens, at the cost of one transposed copy of
+``a`` and ``b``. Which is faster has not been measured (no GPU was available when this was written); the default
+avoids the extra memory, and ``benchmarks/bench_kernels.py`` times both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import INTERPRETED, cdiv, multiprocessor_count, tl, triton
+
+# Rows of (tokens x K) gathered at once by the reference; bounds its working memory.
+_REFERENCE_CHUNK_ELEMENTS = 1 << 24
+
+# Explicit, unmeasured launch configuration: positions per program and tokens per inner step.
+BLOCK_K = 64
+BLOCK_T = 64
+NUM_WARPS = 4
+# Programs per streaming multiprocessor below which the tokens are split over a second grid axis.
+_PROGRAMS_PER_SM = 4
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def sddmm_reference(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int) -> torch.Tensor:
+    """Return ``out[n] = sum_t a[t, indices[n] // ncols] * b[t, indices[n] % ncols]`` in float32.
+
+    ``a`` is ``[tokens, rows]``, ``b`` is ``[tokens, ncols]``; ``indices`` are flat row-major positions into a
+    ``[rows, ncols]`` matrix. Accumulates in float32 whatever the input dtype.
+    """
+    k = indices.numel()
+    out = torch.zeros(k, dtype=torch.float32, device=a.device)
+    if k == 0 or a.shape[0] == 0:
+        return out
+    idx = indices.long()
+    rows, cols = idx // ncols, idx % ncols
+    step = max(1, _REFERENCE_CHUNK_ELEMENTS // max(1, a.shape[0]))
+    for start in range(0, k, step):
+        r, c = rows[start : start + step], cols[start : start + step]
+        out[start : start + step] = (a[:, r].float() * b[:, c].float()).sum(0)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sddmm_kernel(
+        a_ptr,
+        b_ptr,
+        idx_ptr,
+        out_ptr,
+        n_positions,
+        n_tokens,
+        n_rows,
+        n_cols,
+        tokens_per_split,
+        stride_a_token,
+        stride_a_row,
+        stride_b_token,
+        stride_b_col,
+        BLOCK_K: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        pid_k = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        in_range = offs_k < n_positions
+        # int64 throughout: flat positions and byte offsets can pass 2**31 on large layers.
+        idx = tl.load(idx_ptr + offs_k, mask=in_range, other=0).to(tl.int64)
+        rows = idx // n_cols
+        cols = idx - rows * n_cols
+        # Positions outside the matrix contribute nothing instead of reading out of bounds.
+        valid = in_range & (idx >= 0) & (rows < n_rows)
+        a_cols = rows * stride_a_row
+        b_cols = cols * stride_b_col
+        t_begin = pid_split * tokens_per_split
+        t_end = tl.minimum(t_begin + tokens_per_split, n_tokens)
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for t0 in range(t_begin, t_end, BLOCK_T):
+            offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+            mask = (offs_t < t_end)[:, None] & valid[None, :]
+            a_tile = tl.load(a_ptr + offs_t[:, None] * stride_a_token + a_cols[None, :], mask=mask, other=0.0)
+            b_tile = tl.load(b_ptr + offs_t[:, None] * stride_b_token + b_cols[None, :], mask=mask, other=0.0)
+            acc += tl.sum(a_tile.to(tl.float32) * b_tile.to(tl.float32), axis=0)
+        tl.store(out_ptr + pid_split.to(tl.int64) * n_positions + offs_k, acc, mask=in_range)
+
+
+def check_sddmm_args(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int) -> None:
+    """Raise ``ValueError`` naming the argument when the operands of ``sddmm`` do not fit together."""
+    if a.dim() != 2:
+        raise ValueError(f"a must be 2-D [tokens, rows], got shape {tuple(a.shape)}")
+    if b.dim() != 2:
+        raise ValueError(f"b must be 2-D [tokens, ncols], got shape {tuple(b.shape)}")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must have the same number of tokens, got {a.shape[0]} and {b.shape[0]}")
+    if ncols <= 0 or b.shape[1] != ncols:
+        raise ValueError(f"ncols must equal b.shape[1] = {b.shape[1]}, got {ncols}")
+    if a.dtype not in _FLOAT_DTYPES or b.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"a and b must be float32, bfloat16 or float16, got {a.dtype} and {b.dtype}")
+    if indices.dim() != 1 or indices.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"indices must be a 1-D int32 or int64 tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if not (a.device == b.device == indices.device):
+        raise ValueError(f"a, b and indices must be on one device, got {a.device}, {b.device}, {indices.device}")
+
+
+def sddmm_launch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    indices: torch.Tensor,
+    ncols: int,
+    *,
+    token_major: bool = False,
+    block_k: int = BLOCK_K,
+    block_t: int = BLOCK_T,
+    token_splits: int | None = None,
+) -> torch.Tensor:
+    """Run the Triton SDDMM with an explicit configuration; returns float32 ``[K]`` like ``sddmm_reference``.
+
+    ``token_major`` copies the operands to ``[features, tokens]`` first; ``token_splits`` (default: enough programs to
+    fill the GPU) splits the tokens over a second grid axis. Used by ``sddmm_triton``, the tests and the benchmark.
+    """
+    if triton is None:
+        raise RuntimeError("sddmm_launch needs triton, which is not installed")
+    check_sddmm_args(a, b, indices, ncols)
+    if a.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(f"Triton kernels run on CUDA or under TRITON_INTERPRET=1, got tensors on {a.device.type}")
+    k, n_tokens = indices.numel(), a.shape[0]
+    if k == 0 or n_tokens == 0:
+        return torch.zeros(k, dtype=torch.float32, device=a.device)
+    indices = indices.contiguous()
+    if token_major:
+        a_view, b_view = a.t().contiguous().t(), b.t().contiguous().t()
+    else:
+        a_view, b_view = a, b
+    n_kblocks = cdiv(k, block_k)
+    if token_splits is None:
+        wanted = cdiv(_PROGRAMS_PER_SM * multiprocessor_count(a.device), n_kblocks)
+        token_splits = max(1, min(wanted, cdiv(n_tokens, 4 * block_t)))
+    if token_splits < 1:
+        raise ValueError(f"token_splits must be >= 1, got {token_splits}")
+    tokens_per_split = cdiv(n_tokens, token_splits)
+    token_splits = cdiv(n_tokens, tokens_per_split)
+    partial = torch.empty((token_splits, k), dtype=torch.float32, device=a.device)
+    _sddmm_kernel[(n_kblocks, token_splits)](
+        a_view,
+        b_view,
+        indices,
+        partial,
+        k,
+        n_tokens,
+        a.shape[1],
+        ncols,
+        tokens_per_split,
+        a_view.stride(0),
+        a_view.stride(1),
+        b_view.stride(0),
+        b_view.stride(1),
+        BLOCK_K=block_k,
+        BLOCK_T=block_t,
+        num_warps=NUM_WARPS,
+    )
+    return partial[0] if token_splits == 1 else partial.sum(0)
+
+
+def sddmm_triton(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int) -> torch.Tensor:
+    """Triton version of ``sddmm_reference`` (same arguments, float32 ``[K]`` result), default configuration."""
+    return sddmm_launch(a, b, indices, ncols)
