@@ -1,8 +1,10 @@
 """The layer shared by every sparse tuner: a frozen base weight plus, per adapter, a sparse delta.
 
-Per adapter the layer holds ``sparse_values`` (trainable, in a ``ParameterDict``), ``sparse_indices`` (unique flat
-row-major positions into the base weight as stored, int32 below 2**31 entries) and ``sparse_shape`` (the weight
-shape the delta was made for), the last two in persistent ``BufferDict``s so that they are saved with the adapter.
+Per adapter the layer holds the delta's values (trainable, in a ``ParameterDict``), its indices (unique flat
+row-major positions into the base weight as stored, int32 below 2**31 entries) and the weight shape it was made for,
+the last two in persistent ``BufferDict``s so that they are saved with the adapter. The containers are named with
+the method's prefix (``spiel_values``, ...) and reached through ``sparse_values``, ``sparse_indices`` and
+``sparse_shape``.
 """
 
 from __future__ import annotations
@@ -33,16 +35,23 @@ def supported_weight(module: nn.Module) -> bool:
 
 
 class SparseDeltaLayer(BaseTunerLayer):
-    """Base tuner layer: ``y = x @ (W + sum over active adapters of scatter(indices, values)).T + b``."""
+    """Base tuner layer: ``y = x @ (W + sum over active adapters of scatter(indices, values)).T + b``.
 
+    Every per-adapter container is named ``<method_prefix><role>`` (e.g. ``spiel_values``): PEFT and transformers
+    recognise adapter weights in checkpoints by the method's prefix. Subclasses set ``method_prefix`` and list their
+    containers in ``adapter_layer_names`` (trainable) and ``other_param_names`` (persistent buffers).
+    """
+
+    method_prefix = "sparse_"
     adapter_layer_names = ("sparse_values",)
     other_param_names = ("sparse_indices", "sparse_shape")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.sparse_values = nn.ParameterDict({})
-        self.sparse_indices = BufferDict(persistent=True)
-        self.sparse_shape = BufferDict(persistent=True)
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict({}))
+        for name in self.other_param_names:
+            setattr(self, name, BufferDict(persistent=True))
         self.sparse_config: dict[str, Any] = {}
         self._merged_originals: dict[str, torch.Tensor] = {}
         self._disable_adapters = False
@@ -58,6 +67,25 @@ class SparseDeltaLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------- storage
+    @property
+    def sparse_values(self) -> nn.ParameterDict:
+        """Trainable values of each adapter's delta."""
+        return getattr(self, self.method_prefix + "values")
+
+    @property
+    def sparse_indices(self) -> BufferDict:
+        """Flat row-major positions of each adapter's delta."""
+        return getattr(self, self.method_prefix + "indices")
+
+    @property
+    def sparse_shape(self) -> BufferDict:
+        """The weight shape each adapter's delta was made for."""
+        return getattr(self, self.method_prefix + "shape")
+
+    def role_of(self, attr: str) -> str:
+        """The role of container ``attr`` without the method prefix (``spiel_values`` -> ``values``)."""
+        return attr[len(self.method_prefix):]
+
     @property
     def weight_shape(self) -> tuple[int, int]:
         """Shape of the base weight as stored (``[out, in]`` for Linear, ``[in, out]`` for Conv1D)."""
@@ -101,23 +129,23 @@ class SparseDeltaLayer(BaseTunerLayer):
         self.sparse_shape[adapter_name] = torch.tensor(shape, dtype=torch.int64, device=weight.device)
 
     def validate_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Raise ValueError (naming ``where``) unless checkpoint ``tensors`` of this layer fit its base weight."""
+        """Raise ValueError (naming ``where``) unless checkpoint ``tensors`` (keyed by role) fit the base weight."""
         shape = self.weight_shape
-        saved_shape = tensors.get("sparse_shape")
+        saved_shape = tensors.get("shape")
         if saved_shape is not None and tuple(int(s) for s in saved_shape.tolist()) != shape:
             raise ValueError(
                 f"{where}: the adapter was made for a weight of shape {tuple(saved_shape.tolist())}, "
                 f"the base model's is {shape}"
             )
-        check_delta(tensors["sparse_indices"], tensors["sparse_values"], shape, where)
+        check_delta(tensors["indices"], tensors["values"], shape, where)
 
     def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Replace the adapter's tensors by validated checkpoint ``tensors`` (resizing them as needed)."""
-        self.set_delta(adapter_name, tensors["sparse_indices"], tensors["sparse_values"])
+        """Replace the adapter's tensors by validated checkpoint ``tensors`` (keyed by role; resized as needed)."""
+        self.set_delta(adapter_name, tensors["indices"], tensors["values"])
         device = self.get_base_layer().weight.device
-        for name, tensor in tensors.items():
-            if name not in ("sparse_indices", "sparse_values", "sparse_shape"):
-                getattr(self, name)[adapter_name] = tensor.to(device)
+        for role, tensor in tensors.items():
+            if role not in ("indices", "values", "shape"):
+                getattr(self, self.method_prefix + role)[adapter_name] = tensor.to(device)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # Only the device follows the base layer: values keep delta_dtype and statistics stay float32.

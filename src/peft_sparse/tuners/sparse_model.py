@@ -46,14 +46,22 @@ class SparseTunerModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _post_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
-        # Budgets depend on all targets together, so deltas are drawn once every target is wrapped.
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # Budgets depend on all targets together, so deltas are drawn once every target is wrapped. This is done here
+        # and not in _post_injection_hook, which PeftModel.add_adapter (a second adapter) never calls.
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
         layers = [m for _, m in _sparse_layers(model) if adapter_name in m.sparse_config]
         budgets = allocate_budgets(
             [m.weight_shape for m in layers], config.density, config.num_tunable_weights, config.match_lora_rank
         )
         for layer, budget in zip(layers, budgets):
             layer.init_delta(adapter_name, budget)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # The values already have the config's delta_dtype; PEFT's default upcast of bf16/fp16 to float32 would
+        # silently override a delta_dtype the user chose.
+        return
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
@@ -71,8 +79,8 @@ class SparseTunerModel(BaseTuner):
             for attr in layer.adapter_layer_names + layer.other_param_names:
                 key = f"{name}.{attr}.{adapter_name}" if name else f"{attr}.{adapter_name}"
                 if key in state_dict:
-                    tensors[attr] = state_dict[key]
-            if "sparse_values" not in tensors or "sparse_indices" not in tensors:
+                    tensors[layer.role_of(attr)] = state_dict[key]
+            if "values" not in tensors or "indices" not in tensors:
                 errors.append(f"{name}: the checkpoint holds no sparse delta for this layer")
                 continue
             try:
@@ -100,7 +108,9 @@ class SparseTunerModel(BaseTuner):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter_name {adapter_name!r} already exists")
         if not adapters or len(adapters) != len(weights):
-            raise ValueError(f"need as many weights as adapters, got {len(adapters)} adapters and {len(weights)} weights")
+            raise ValueError(
+                f"need as many weights as adapters, got {len(adapters)} adapters and {len(weights)} weights"
+            )
         missing = [a for a in adapters if a not in self.peft_config]
         if missing:
             raise ValueError(f"adapters {missing} do not exist; available: {sorted(self.peft_config)}")
@@ -153,6 +163,11 @@ def remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict):
         configs.pop(adapter_name, None)
+    for module in model.modules():
+        # PEFT copies its config dict onto the wrapped model; left empty there, the next wrap would warn that the
+        # model already has adapters
+        if not isinstance(module, BaseTuner) and module.__dict__.get("peft_config") == {}:
+            del module.peft_config
 
 
 def sparse_deltas(

@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...delta import check_delta, index_dtype_for
@@ -44,12 +43,12 @@ TRAINING_STATE = (
 class SpIELLayer(SparseDeltaLayer):
     """Sparse delta with drop-and-grow driven by optimizer updates (see ``peft_sparse.training``)."""
 
-    other_param_names = SparseDeltaLayer.other_param_names + TRAINING_STATE
+    method_prefix = "spiel_"
+    adapter_layer_names = ("spiel_values",)
+    other_param_names = ("spiel_indices", "spiel_shape") + TRAINING_STATE
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         super().__init__(base_layer, **kwargs)
-        for name in TRAINING_STATE:
-            setattr(self, name, BufferDict(persistent=True))
         self.layer_seed: dict[str, int] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._step_cache: dict[str, int] = {}
@@ -109,16 +108,16 @@ class SpIELLayer(SparseDeltaLayer):
     def validate_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         super().validate_loaded(adapter_name, tensors, where)
         rows, cols = self.weight_shape
-        for name, allowed in (("spiel_row_stats", (0, rows)), ("spiel_col_stats", (0, cols))):
-            if name in tensors and tensors[name].numel() not in allowed:
-                raise ValueError(f"{where}: {name} has {tensors[name].numel()} entries, expected 0 or {allowed[1]}")
-        sizes = {tensors[n].numel() for n in TRAINING_STATE[3:] if n in tensors}
+        for role, allowed in (("row_stats", (0, rows)), ("col_stats", (0, cols))):
+            if role in tensors and tensors[role].numel() not in allowed:
+                raise ValueError(f"{where}: {role} has {tensors[role].numel()} entries, expected 0 or {allowed[1]}")
+        roles = ("candidates", "candidate_grad", "candidate_sq")
+        sizes = {tensors[r].numel() for r in roles if r in tensors}
         if len(sizes) > 1:
             raise ValueError(f"{where}: growth candidates and their statistics differ in length: {sorted(sizes)}")
-        if "spiel_candidates" in tensors and tensors["spiel_candidates"].numel():
-            empty = tensors["spiel_candidates"][:0].float()
-            check_delta(tensors["spiel_candidates"], empty.new_zeros(tensors["spiel_candidates"].numel()),
-                        self.weight_shape, f"{where} (growth candidates)")
+        candidates = tensors.get("candidates")
+        if candidates is not None and candidates.numel():
+            check_delta(candidates, torch.zeros(candidates.numel()), self.weight_shape, f"{where} (growth candidates)")
 
     def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         super().install_loaded(adapter_name, tensors)
