@@ -18,8 +18,9 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..delta import check_delta, index_dtype_for, merge_exact, restore_exact, to_dense
+from ..delta import check_delta, index_dtype_for, to_dense
 from ..sparse_linear import GradientObserver, sparse_delta_linear
+from .base_weight import base_weight_for
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -62,8 +63,8 @@ class SparseDeltaLayer(BaseTunerLayer):
                 f"sparse tuners wrap torch.nn.Linear and transformers' Conv1D, got {type(base).__name__}"
             )
         self.transposed = isinstance(base, Conv1D) if Conv1D else False
-        self.in_features = base.weight.shape[0] if self.transposed else base.weight.shape[1]
-        self.out_features = base.weight.shape[1] if self.transposed else base.weight.shape[0]
+        rows, cols = self.weight_shape
+        self.in_features, self.out_features = (rows, cols) if self.transposed else (cols, rows)
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------- storage
@@ -88,8 +89,24 @@ class SparseDeltaLayer(BaseTunerLayer):
 
     @property
     def weight_shape(self) -> tuple[int, int]:
-        """Shape of the base weight as stored (``[out, in]`` for Linear, ``[in, out]`` for Conv1D)."""
-        return tuple(self.get_base_layer().weight.shape)
+        """Logical shape of the base weight as stored (``[out, in]`` for Linear, ``[in, out]`` for Conv1D)."""
+        return self.base_weight_access.shape
+
+    @property
+    def base_weight_access(self):
+        """Accessor of the frozen base weight (dense, or NF4 for bitsandbytes 4-bit layers)."""
+        return base_weight_for(self.get_base_layer())
+
+    @property
+    def weight_numel(self) -> int:
+        """Number of entries of the base weight."""
+        rows, cols = self.weight_shape
+        return rows * cols
+
+    @property
+    def weight_device(self) -> torch.device:
+        """Device of the base weight."""
+        return self.base_weight_access.device
 
     def update_layer(self, adapter_name: str, config: Any, layer_key: str = "") -> None:
         """Add ``adapter_name`` with an empty delta (subclasses add their own state)."""
@@ -98,11 +115,10 @@ class SparseDeltaLayer(BaseTunerLayer):
     def add_adapter_slot(self, adapter_name: str, config: Any) -> None:
         """Register ``adapter_name`` with an empty delta; ``set_delta`` fills it once the budget is known."""
         self.sparse_config[adapter_name] = config
-        weight = self.get_base_layer().weight
         self.set_delta(
             adapter_name,
-            torch.zeros(0, dtype=index_dtype_for(weight.numel()), device=weight.device),
-            torch.zeros(0, dtype=DTYPES[config.delta_dtype], device=weight.device),
+            torch.zeros(0, dtype=index_dtype_for(self.weight_numel), device=self.weight_device),
+            torch.zeros(0, dtype=DTYPES[config.delta_dtype], device=self.weight_device),
         )
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -113,10 +129,10 @@ class SparseDeltaLayer(BaseTunerLayer):
         """
         shape = self.weight_shape
         check_delta(indices, values, shape, f"adapter {adapter_name!r}")
-        weight = self.get_base_layer().weight
         config = self.sparse_config[adapter_name]
-        indices = indices.to(device=weight.device, dtype=index_dtype_for(weight.numel()))
-        values = values.detach().to(device=weight.device, dtype=DTYPES[config.delta_dtype])
+        device = self.weight_device
+        indices = indices.to(device=device, dtype=index_dtype_for(self.weight_numel))
+        values = values.detach().to(device=device, dtype=DTYPES[config.delta_dtype])
         current = self.sparse_values.get(adapter_name)
         if current is not None and current.shape == values.shape and current.device == values.device:
             with torch.no_grad():
@@ -126,7 +142,7 @@ class SparseDeltaLayer(BaseTunerLayer):
             requires_grad = current.requires_grad if current is not None else True
             self.sparse_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad)
             self.sparse_indices[adapter_name] = indices
-        self.sparse_shape[adapter_name] = torch.tensor(shape, dtype=torch.int64, device=weight.device)
+        self.sparse_shape[adapter_name] = torch.tensor(shape, dtype=torch.int64, device=device)
 
     def validate_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Raise ValueError (naming ``where``) unless checkpoint ``tensors`` (keyed by role) fit the base weight."""
@@ -142,15 +158,14 @@ class SparseDeltaLayer(BaseTunerLayer):
     def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the adapter's tensors by validated checkpoint ``tensors`` (keyed by role; resized as needed)."""
         self.set_delta(adapter_name, tensors["indices"], tensors["values"])
-        device = self.get_base_layer().weight.device
+        device = self.weight_device
         for role, tensor in tensors.items():
             if role not in ("indices", "values", "shape"):
                 getattr(self, self.method_prefix + role)[adapter_name] = tensor.to(device)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # Only the device follows the base layer: values keep delta_dtype and statistics stay float32.
-        weight = self.get_base_layer().weight
-        target = device if device is not None else weight.device
+        target = device if device is not None else self.weight_device
         if target.type == "meta":
             return
         for name in self.adapter_layer_names + self.other_param_names:
@@ -188,10 +203,10 @@ class SparseDeltaLayer(BaseTunerLayer):
             indices, inverse = torch.unique(torch.cat([d[1].long() for d in deltas]), return_inverse=True)
             summed = torch.cat([d[2].float() for d in deltas])
             values = summed.new_zeros(indices.numel()).index_add(0, inverse, summed)
-        base = self.get_base_layer()
         backend = self.sparse_config[deltas[0][0]].kernel_backend
         return sparse_delta_linear(
-            x, base.weight, base.bias, indices, values, self.transposed, self.gradient_observer(), backend
+            x, self.base_weight_access, self.get_base_layer().bias, indices, values, self.transposed,
+            self.gradient_observer(), backend,
         )
 
     def _tag_owner(self, adapter: str, values: torch.Tensor) -> None:
@@ -202,24 +217,23 @@ class SparseDeltaLayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The delta of ``adapter_name`` as a dense tensor shaped like the base weight (base weight's dtype)."""
-        weight = self.get_base_layer().weight
-        return to_dense(self.sparse_indices[adapter_name], self.sparse_values[adapter_name], weight.shape, weight.dtype)
+        """The delta of ``adapter_name`` as a dense tensor of the weight's logical shape (compute dtype)."""
+        return to_dense(
+            self.sparse_indices[adapter_name], self.sparse_values[adapter_name], self.weight_shape,
+            self.base_weight_access.dtype,
+        )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the deltas into the base weight; the original entries are kept so ``unmerge`` is bit-exact."""
+        """Add the deltas into the base weight; what they overwrite is kept so ``unmerge`` is bit-exact."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = self.get_base_layer().weight
+        access = self.base_weight_access
         for adapter in adapter_names:
             if adapter not in self.sparse_values:
                 continue
             indices, values = self.sparse_indices[adapter], self.sparse_values[adapter]
-            if safe_merge:
-                trial = weight.data.clone()
-                merge_exact(trial, indices, values)
-                if not torch.isfinite(trial).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            self._merged_originals[adapter] = merge_exact(weight, indices, values)
+            if safe_merge and not torch.isfinite(values).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            self._merged_originals[adapter] = access.merge(indices, values)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -227,11 +241,10 @@ class SparseDeltaLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.get_base_layer().weight
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self._merged_originals:
-                restore_exact(weight, self.sparse_indices[adapter], self._merged_originals.pop(adapter))
+                self.base_weight_access.restore(self.sparse_indices[adapter], self._merged_originals.pop(adapter))
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -128,11 +128,10 @@ class SparseTunerModel(BaseTuner):
             present = [(a, w) for a, w in zip(adapters, weights) if a in layer.sparse_values]
             if not present:
                 continue
-            weight = layer.get_base_layer().weight
             indices, values = combine(
                 [(layer.sparse_indices[a], layer.sparse_values[a]) for a, _ in present],
                 [w for _, w in present],
-                weight.numel(),
+                layer.weight_numel,
             )
             layer.update_layer(adapter_name, new_config, name)
             layer.set_delta(adapter_name, indices, values)

@@ -62,10 +62,10 @@ class SpIELLayer(SparseDeltaLayer):
     def reset_training_state(self, adapter_name: str) -> None:
         """Zero the update counter and clear the growth statistics of ``adapter_name``."""
         config = self.sparse_config[adapter_name]
-        weight = self.get_base_layer().weight
+        device = self.weight_device
         rows, cols = self.weight_shape
-        f32 = dict(dtype=torch.float32, device=weight.device)
-        self.spiel_step[adapter_name] = torch.zeros((), dtype=torch.int64, device=weight.device)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.spiel_step[adapter_name] = torch.zeros((), dtype=torch.int64, device=device)
         self._step_cache[adapter_name] = 0
         ma = config.selection == "ma"
         self.spiel_row_stats[adapter_name] = torch.zeros(rows if ma else 0, **f32)
@@ -73,20 +73,17 @@ class SpIELLayer(SparseDeltaLayer):
         self._clear_candidates(adapter_name)
 
     def _clear_candidates(self, adapter_name: str) -> None:
-        weight = self.get_base_layer().weight
-        self.spiel_candidates[adapter_name] = torch.zeros(
-            0, dtype=index_dtype_for(weight.numel()), device=weight.device
-        )
-        self.spiel_candidate_grad[adapter_name] = torch.zeros(0, dtype=torch.float32, device=weight.device)
-        self.spiel_candidate_sq[adapter_name] = torch.zeros(0, dtype=torch.float32, device=weight.device)
+        device = self.weight_device
+        self.spiel_candidates[adapter_name] = torch.zeros(0, dtype=index_dtype_for(self.weight_numel), device=device)
+        self.spiel_candidate_grad[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
+        self.spiel_candidate_sq[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         self._pending.pop(adapter_name, None)
 
     def init_delta(self, adapter_name: str, budget: int) -> None:
         """Give ``adapter_name`` ``budget`` random positions (seeded by ``config.seed`` and the layer's name)."""
         config = self.sparse_config[adapter_name]
-        weight = self.get_base_layer().weight
         generator = self._generator(adapter_name, 0)
-        indices = grow_random(weight.numel(), torch.zeros(0, dtype=torch.long), budget, generator)
+        indices = grow_random(self.weight_numel, torch.zeros(0, dtype=torch.long), budget, generator)
         if config.init_weights:
             values = torch.zeros(indices.numel())
         else:  # a non-zero delta, for tests
@@ -207,7 +204,7 @@ class SpIELLayer(SparseDeltaLayer):
             step, values.numel(), config.reselection_steps, config.initial_reselection_rate, config.total_steps,
             config.reselection_schedule,
         )
-        numel = self.get_base_layer().weight.numel()
+        numel = self.weight_numel
         positions_of = None
         mean = mean_sq = None
         if config.selection == "ag":
