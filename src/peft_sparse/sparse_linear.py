@@ -76,6 +76,8 @@ def sparse_delta_linear(
     if bias is not None:
         bias = bias.to(compute_dtype)
     with torch.autocast(device_type=device_type, enabled=False):
-        return _SparseDeltaLinear.apply(
+        out = _SparseDeltaLinear.apply(
             x.to(compute_dtype), bias, indices, values, base_weight, transposed, compute_dtype, observer, backend
         )
+    # like the base layer: 4-bit layers hand back the input's dtype, dense ones the compute dtype
+    return out.to(x.dtype) if base_weight.returns_input_dtype else out

@@ -19,6 +19,8 @@ from ..kernels import apply_delta
 class DenseBaseWeight:
     """The weight of ``module`` is an ordinary dense tensor (read from the module each time, never cached)."""
 
+    returns_input_dtype = False  # nn.Linear's output has the compute dtype
+
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 

@@ -235,6 +235,12 @@ class SparseDeltaLayer(BaseTunerLayer):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
             self._merged_originals[adapter] = access.merge(indices, values)
             self.merged_adapters.append(adapter)
+            error = access.merge_error(self._merged_originals[adapter])
+            if error > 0:
+                warnings.warn(
+                    f"merging adapter {adapter!r} into the quantised weight re-quantised the blocks it touches; "
+                    f"largest deviation from W + delta: {error:.3g}. merge_and_unload(dequantize=True) is exact."
+                )
 
     def unmerge(self) -> None:
         """Restore the base weight exactly as it was before ``merge``."""

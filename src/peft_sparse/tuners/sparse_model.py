@@ -14,6 +14,7 @@ from torch import nn
 
 from ..delta import combine
 from ..selection import allocate_budgets
+from .bnb import dequantize_layer
 from .sparse_layer import SparseDeltaLayer, supported_weight
 
 
@@ -96,6 +97,24 @@ class SparseTunerModel(BaseTuner):
         for layer, tensors in installs:
             layer.install_loaded(adapter_name, tensors)
         return state_dict
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        dequantize: bool = False,
+    ) -> nn.Module:
+        """Merge the deltas into the base weights and return the base model without adapter layers.
+
+        With 4-bit base weights the merge goes into the NF4 weight (lossy; see ``peft_sparse.tuners.bnb``) unless
+        ``dequantize=True``, which first turns each adapted 4-bit layer into an ``nn.Linear`` of the compute dtype
+        holding the dequantised weight, so the merge is exact.
+        """
+        if dequantize:
+            for _, layer in _sparse_layers(self.model):
+                dequantize_layer(layer)
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     # ----------------------------------------------------------------------------------------- composition
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
