@@ -7,7 +7,9 @@ Measures, in bf16 on one GPU:
 - a linear layer's forward + backward: frozen ``nn.Linear``-style GEMMs, the sparse-delta layer (merged: ``apply_delta``
   then GEMM, values' gradient by SDDMM; and, where ``tokens * K`` is small enough, the split formulation), and LoRA
   of the same parameter count (``r = K / (in + out)``, dropout 0);
-- ``apply_delta`` (clone + scatter) and ``topk_outer_product`` (SpIEL-MA growth) against their PyTorch references.
+- ``apply_delta`` (clone + scatter) and ``topk_outer_product`` (SpIEL-MA growth) against their PyTorch references;
+- qSpIEL's ``DEQUANT(W_nf4) + Delta`` (NF4, blocksize 64, double-quantised absmax, bf16 output): the fused Triton
+  dequantise + delta against bitsandbytes' ``dequantize_4bit`` + clone + ``scatter_add_`` (needs bitsandbytes).
 
 Writes ``bench_kernels_<device>.json``, ``.md`` and ``.png`` into ``--out`` (default ``benchmarks/results/``) with the
 device name and the date. Needs CUDA; ``--device cpu --small`` runs tiny shapes with the Triton kernels in Triton's
@@ -168,10 +170,13 @@ class Bench:
             "warmup": self.args.warmup,
         }
         results = {"meta": meta, "value_gradient": [], "layer": [], "apply_delta": [], "topk_outer_product": []}
+        results["nf4_dequant_delta"] = []
         for out_f, in_f in self.shapes:
             for density in DENSITIES:
                 results["apply_delta"] += self.bench_apply_delta(out_f, in_f, density)
                 results["topk_outer_product"] += self.bench_topk(out_f, in_f, density)
+                self._free()
+                results["nf4_dequant_delta"] += self.bench_nf4(out_f, in_f, density)
                 self._free()
                 for tokens in self.tokens:
                     results["value_gradient"] += self.bench_value_gradient(out_f, in_f, tokens, density)
@@ -331,6 +336,59 @@ class Bench:
             row["identical_to_reference"] = same
         return rows
 
+    def bench_nf4(self, out_f: int, in_f: int, density: float) -> list[dict]:
+        """NF4 dequantise + delta in bf16: the Triton kernel against bitsandbytes' dequantize_4bit + clone +
+        scatter_add_ (what the SpIEL reference does each forward) and against dequantize_4bit alone."""
+        try:
+            from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+        except ImportError:
+            print("bench_kernels: bitsandbytes is not installed, NF4 section skipped")
+            return []
+        torch = self.torch
+        numel = out_f * in_f
+        k = max(1, round(density * numel))
+        weight = self._randn(out_f, in_f, scale=in_f**-0.5)
+        packed, state = quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+        state.dtype = self.dtype
+        del weight
+        idx = self._indices(numel, k)
+        long_idx = idx.long()
+        values = (torch.randn(k, device=self.device) * 1e-3).to(self.dtype)  # bf16 deltas, as in the paper
+        kernels = self.kernels
+
+        def bnb_clone_scatter_add():
+            dense = dequantize_4bit(packed, state).clone()
+            dense.view(-1).scatter_add_(0, long_idx, values)
+            return dense
+
+        methods = {
+            "triton_fused": lambda: kernels.dequantize_nf4_delta_triton(packed, state, idx, values, self.dtype),
+            "bnb_dequant_clone_scatter_add": bnb_clone_scatter_add,
+            "bnb_dequantize_4bit_only": lambda: dequantize_4bit(packed, state),
+        }
+        expected = kernels.dequantize_nf4_delta_reference(packed, state, idx, values, self.dtype)
+        same = bool(torch.equal(methods["triton_fused"](), expected))
+        del expected
+        element = torch.finfo(self.dtype).bits // 8
+        # The op's own traffic, the same for every method: packed codes, one absmax byte per block of 64, the output,
+        # and the K delta entries (index, value, read-modify-write of the output).
+        moved = numel // 2 + numel // 64 + numel * element + k * (idx.element_size() + 3 * element)
+        rows = []
+        for method, fn in methods.items():
+            record = self.measure(fn)
+            rows.append(
+                {
+                    "shape": [out_f, in_f],
+                    "density": density,
+                    "k": k,
+                    "method": method,
+                    **record,
+                    "gbps": moved / (record["time_ms"] / 1e3) / 1e9,
+                    "triton_identical_to_reference": same,
+                }
+            )
+        return rows
+
 
 def _merged_sparse_linear(kernels):
     """The merged sparse-delta linear as an autograd Function over the Triton kernels."""
@@ -481,6 +539,40 @@ def to_markdown(results: dict) -> str:
         for r in results["topk_outer_product"]
     ]
     parts.append(_table(["out x in", "density", "k grown", "method", "ms", "peak MiB", "same as reference"], rows))
+    if results.get("nf4_dequant_delta"):
+        parts += [
+            "",
+            "## NF4 dequantise + delta (qSpIEL; blocksize 64, double-quantised absmax, bf16 output and deltas)",
+            "",
+            (
+                "GB/s is effective: the op's own traffic (`out * in / 2` packed bytes, one absmax byte per 64, the "
+                "output, and K delta entries) over the time, the same model for every method. Speed-up is the "
+                "bitsandbytes dequantize_4bit + clone + scatter_add_ time over the method's. Same as reference: the "
+                "Triton result equals `dequantize_nf4_delta_reference` bit for bit."
+            ),
+            "",
+        ]
+        bnb_ms = {
+            (tuple(r["shape"]), r["density"]): r["time_ms"]
+            for r in results["nf4_dequant_delta"]
+            if r["method"] == "bnb_dequant_clone_scatter_add"
+        }
+        rows = [
+            [
+                f"{r['shape'][0]}x{r['shape'][1]}",
+                f"{r['density']:.1%}",
+                r["k"],
+                r["method"],
+                r["time_ms"],
+                r["gbps"],
+                bnb_ms[(tuple(r["shape"]), r["density"])] / r["time_ms"],
+                r["peak_mib"],
+                r["triton_identical_to_reference"],
+            ]
+            for r in results["nf4_dequant_delta"]
+        ]
+        headers = ["out x in", "density", "K", "method", "ms", "GB/s", "speed-up", "peak MiB", "same as reference"]
+        parts.append(_table(headers, rows))
     return "\n".join(parts) + "\n"
 
 

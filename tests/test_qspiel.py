@@ -137,3 +137,19 @@ def test_merge_and_unload_dequantize_is_exact(saved_base):
         linear = merged.get_submodule(name)
         assert type(linear) is torch.nn.Linear and linear.weight.dtype == torch.bfloat16
         assert torch.equal(linear.weight, weight), name
+
+
+def test_triton_backend_matches_the_torch_path(saved_base):
+    pytest.importorskip("triton")
+    outputs = {}
+    for backend in ("torch", "triton"):
+        model = get_peft_model(load_4bit(saved_base), SpIELConfig(
+            target_modules=["q_proj", "down_proj"], density=0.05, kernel_backend=backend))
+        small_deltas(model)
+        x = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        outputs[backend] = out.logits.detach(), [v.grad.clone() for _, _, v, _ in peft_sparse.sparse_deltas(model)]
+    torch.testing.assert_close(outputs["torch"][0], outputs["triton"][0], rtol=0, atol=0)
+    for a, b in zip(outputs["torch"][1], outputs["triton"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -6,9 +6,11 @@ Importing this package never needs CUDA, and works without Triton (then only the
 
 from . import _triton
 from .apply_delta import apply_delta_reference, apply_delta_triton
+from .dequantize_nf4 import dequantize_nf4_delta_reference, dequantize_nf4_delta_triton
 from .dispatch import (
     BACKENDS,
     apply_delta,
+    dequantize_nf4_delta,
     register_triton_op,
     requested_backend,
     resolve,
@@ -29,6 +31,7 @@ from .topk_outer_product import topk_outer_product_reference, topk_outer_product
 # Without Triton the op modules define no kernels, and dispatch keeps serving the references.
 if _triton.triton is not None:
     register_triton_op("apply_delta", apply_delta_triton)
+    register_triton_op("dequantize_nf4_delta", dequantize_nf4_delta_triton)
     register_triton_op("sddmm", sddmm_triton)
     register_triton_op("sparse_delta_matmul", sparse_delta_matmul_triton)
     register_triton_op("topk_outer_product", topk_outer_product_triton)
@@ -39,6 +42,9 @@ __all__ = [
     "apply_delta",
     "apply_delta_reference",
     "apply_delta_triton",
+    "dequantize_nf4_delta",
+    "dequantize_nf4_delta_reference",
+    "dequantize_nf4_delta_triton",
     "prefer_split_formulation",
     "register_triton_op",
     "requested_backend",

@@ -16,6 +16,7 @@ import torch
 
 from . import _triton
 from .apply_delta import apply_delta_reference
+from .dequantize_nf4 import dequantize_nf4_delta_reference
 from .sddmm import sddmm_reference
 from .sparse_delta_matmul import sparse_delta_matmul_reference
 from .topk_outer_product import topk_outer_product_reference
@@ -28,6 +29,7 @@ ENV_VAR = "PEFT_SPARSE_KERNEL_BACKEND"
 # op name -> (reference, triton implementation or None)
 _OPS: dict[str, tuple[Callable, Callable | None]] = {
     "apply_delta": (apply_delta_reference, None),
+    "dequantize_nf4_delta": (dequantize_nf4_delta_reference, None),
     "sddmm": (sddmm_reference, None),
     "sparse_delta_matmul": (sparse_delta_matmul_reference, None),
     "topk_outer_product": (topk_outer_product_reference, None),
@@ -92,6 +94,19 @@ def apply_delta(
 ) -> torch.Tensor:
     """``weight + scatter(indices, values)`` as a new tensor, on the chosen backend."""
     return resolve("apply_delta", weight.device, setting)(weight, indices, values)
+
+
+def dequantize_nf4_delta(
+    packed: torch.Tensor,
+    quant_state,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    out_dtype: torch.dtype,
+    setting: str = "auto",
+) -> torch.Tensor:
+    """``DEQUANT(W_nf4) + scatter(indices, values)`` as a new ``out_dtype`` tensor of shape ``quant_state.shape``, for
+    a bitsandbytes NF4 weight (``packed`` bytes and its ``quant_state``), on the chosen backend."""
+    return resolve("dequantize_nf4_delta", packed.device, setting)(packed, quant_state, indices, values, out_dtype)
 
 
 def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int, setting: str = "auto") -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels import apply_delta
+from ..kernels import dequantize_nf4_delta
 
 
 @dataclass
@@ -70,16 +70,15 @@ class NF4BaseWeight:
 
             self.params.data, self.params.quant_state = _convert_weight_packed_for_cpu_inverse(self.params.data, qs)
 
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+    def dense(self, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
         """The dequantised weight in ``dtype``."""
-        from bitsandbytes.functional import dequantize_4bit
-
-        self._standard_layout()
-        return dequantize_4bit(self.params.data, self.quant_state).to(dtype)
+        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+        return self.with_delta(empty, empty.float(), dtype, backend)
 
     def with_delta(self, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
-        """``DEQUANT(W) + scatter(indices, values)`` in ``dtype``."""
-        return apply_delta(self.dense(dtype), indices, values, backend)
+        """``DEQUANT(W) + scatter(indices, values)`` in ``dtype``, in one fused op where a kernel exists."""
+        self._standard_layout()
+        return dequantize_nf4_delta(self.params.data, self.quant_state, indices, values, dtype, backend)
 
     # ----------------------------------------------------------------------------------------- merging
     def _block_scales(self, blocks: torch.Tensor, needed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
