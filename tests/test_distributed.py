@@ -24,12 +24,22 @@ def _worker(rank, world, port, out_dir):
         from peft_sparse import SpIELConfig, sparse_deltas
 
         torch.manual_seed(0)
-        base = LlamaForCausalLM(LlamaConfig(
-            vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2,
-        ))
-        model = get_peft_model(base, SpIELConfig(target_modules=["q_proj", "down_proj"], density=0.1,
-                                                 reselection_steps=2, accumulation_steps=2))
+        base = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=48,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
+        model = get_peft_model(
+            base,
+            SpIELConfig(
+                target_modules=["q_proj", "down_proj"], density=0.1, reselection_steps=2, accumulation_steps=2
+            ),
+        )
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         g = torch.Generator().manual_seed(100 + rank)  # each process sees other data

@@ -16,16 +16,23 @@ import peft_sparse  # noqa: E402
 from peft_sparse import SpIELConfig  # noqa: E402
 
 VOCAB = 64
-QUANT = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-             bnb_4bit_compute_dtype=torch.bfloat16)
+QUANT = dict(
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+)
 
 
 @pytest.fixture(scope="module")
 def saved_base(tmp_path_factory):
     torch.manual_seed(0)
     # in/out features multiples of the NF4 block size, as bitsandbytes' CPU kernels expect
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     path = tmp_path_factory.mktemp("base")
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -67,7 +74,9 @@ def test_forward_and_value_gradients_match_the_dequantised_reference(saved_base)
     dy = torch.randn_like(y)
     y.backward(dy)
     # the backward sees dy rounded to the compute dtype, as the forward returned it through a cast
-    dense_grad = dy.reshape(-1, 64).to(torch.bfloat16).float().t() @ x.detach().reshape(-1, 64).to(torch.bfloat16).float()
+    dense_grad = (
+        dy.reshape(-1, 64).to(torch.bfloat16).float().t() @ x.detach().reshape(-1, 64).to(torch.bfloat16).float()
+    )
     expected = dense_grad.view(-1)[layer.sparse_indices["default"].long()]
     torch.testing.assert_close(layer.sparse_values["default"].grad, expected, rtol=1e-5, atol=1e-6)
     assert layer.get_base_layer().weight.grad is None
@@ -75,15 +84,26 @@ def test_forward_and_value_gradients_match_the_dequantised_reference(saved_base)
 
 @pytest.mark.parametrize("selection", ["ag", "ma"])
 def test_trainer_reselects_saves_and_reloads_into_a_fresh_4bit_base(saved_base, tmp_path, selection):
-    model = get_peft_model(load_4bit(saved_base), SpIELConfig(
-        target_modules="all-linear", density=0.05, selection=selection, reselection_steps=3, accumulation_steps=2))
+    model = get_peft_model(
+        load_4bit(saved_base),
+        SpIELConfig(
+            target_modules="all-linear", density=0.05, selection=selection, reselection_steps=3, accumulation_steps=2
+        ),
+    )
     start = q_proj(model).sparse_indices["default"].clone()
     g = torch.Generator().manual_seed(0)
     ids = (torch.randint(0, VOCAB, (32, 1), generator=g) + torch.arange(12)) % VOCAB
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     optimizers = {"optimizer_cls_and_kwargs": (peft_sparse.SM3, {"lr": 1e-2})} if selection == "ma" else {}
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=7, per_device_train_batch_size=8,
-                             learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=7,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+    )
     Trainer(model=model, args=args, train_dataset=data, **optimizers).train()
     layer = q_proj(model)
     assert int(layer.spiel_step["default"]) == 7
@@ -130,8 +150,10 @@ def test_merge_into_4bit_touches_only_changed_blocks_and_unmerges_exactly(saved_
 def test_merge_and_unload_dequantize_is_exact(saved_base):
     model = get_peft_model(load_4bit(saved_base), SpIELConfig(target_modules="all-linear", density=0.05))
     small_deltas(model)
-    expected = {name: dense_reference_weight(model.get_submodule("base_model.model." + name))
-                for name, _, _, _ in peft_sparse.sparse_deltas(model)}
+    expected = {
+        name: dense_reference_weight(model.get_submodule("base_model.model." + name))
+        for name, _, _, _ in peft_sparse.sparse_deltas(model)
+    }
     merged = model.merge_and_unload(dequantize=True)
     for name, weight in expected.items():
         linear = merged.get_submodule(name)
@@ -143,8 +165,10 @@ def test_triton_backend_matches_the_torch_path(saved_base):
     pytest.importorskip("triton")
     outputs = {}
     for backend in ("torch", "triton"):
-        model = get_peft_model(load_4bit(saved_base), SpIELConfig(
-            target_modules=["q_proj", "down_proj"], density=0.05, kernel_backend=backend))
+        model = get_peft_model(
+            load_4bit(saved_base),
+            SpIELConfig(target_modules=["q_proj", "down_proj"], density=0.05, kernel_backend=backend),
+        )
         small_deltas(model)
         x = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
         out = model(input_ids=x, labels=x)

@@ -19,8 +19,13 @@ VOCAB = 48
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config)
 
@@ -137,8 +142,14 @@ def test_ma_grows_by_row_column_statistics_with_sm3():
 
 def test_random_selection_is_seeded_unique_and_in_range():
     def final_indices(seed):
-        config = SpIELConfig(target_modules=["q_proj", "v_proj"], density=0.1, selection="random",
-                             reselection_steps=2, seed=seed, total_steps=10)
+        config = SpIELConfig(
+            target_modules=["q_proj", "v_proj"],
+            density=0.1,
+            selection="random",
+            reselection_steps=2,
+            seed=seed,
+            total_steps=10,
+        )
         model = get_peft_model(tiny_llama(), config)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         start = layer_of(model).sparse_indices["default"].clone()
@@ -156,8 +167,14 @@ def test_random_selection_is_seeded_unique_and_in_range():
 
 
 def test_schedule_limits_how_many_entries_change():
-    config = SpIELConfig(target_modules=["q_proj"], density=0.2, selection="random", reselection_steps=2,
-                         total_steps=12, initial_reselection_rate=0.5)
+    config = SpIELConfig(
+        target_modules=["q_proj"],
+        density=0.2,
+        selection="random",
+        reselection_steps=2,
+        total_steps=12,
+        initial_reselection_rate=0.5,
+    )
     model = get_peft_model(tiny_llama(), config)
     layer = layer_of(model)
     budget = layer.sparse_values["default"].numel()
@@ -203,8 +220,16 @@ def patterned_dataset(n=64, length=16):
 
 def trainer_args(tmp_path, **kw):
     defaults = dict(
-        output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8, learning_rate=3e-2,
-        report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, seed=0, data_seed=0,
+        output_dir=str(tmp_path),
+        max_steps=24,
+        per_device_train_batch_size=8,
+        learning_rate=3e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
         lr_scheduler_type="constant",
     )
     defaults.update(kw)
@@ -213,8 +238,9 @@ def trainer_args(tmp_path, **kw):
 
 @pytest.mark.parametrize("selection", ["ag", "ma", "random"])
 def test_trainer_reselects_and_loss_falls(tmp_path, selection):
-    config = SpIELConfig(target_modules="all-linear", density=0.1, selection=selection, reselection_steps=6,
-                         accumulation_steps=2)
+    config = SpIELConfig(
+        target_modules="all-linear", density=0.1, selection=selection, reselection_steps=6, accumulation_steps=2
+    )
     model = get_peft_model(tiny_llama(), config)
     start = layer_of(model).sparse_indices["default"].clone()
     data = patterned_dataset()
@@ -244,8 +270,9 @@ def test_gradient_accumulation_counts_updates_not_micro_batches(tmp_path):
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     def make():
-        config = SpIELConfig(target_modules="all-linear", density=0.1, reselection_steps=4, accumulation_steps=2,
-                             selection="ag")
+        config = SpIELConfig(
+            target_modules="all-linear", density=0.1, reselection_steps=4, accumulation_steps=2, selection="ag"
+        )
         return get_peft_model(tiny_llama(), config)
 
     data = patterned_dataset()
@@ -273,19 +300,42 @@ def test_sft_trainer_with_spiel_config(tmp_path):
     vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                        eos_token="[EOS]")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=2,
-    ))
-    texts = [" ".join(words[i % 5: i % 5 + 6]) for i in range(40)]
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2,
-                         report_to="none", use_cpu=True, save_strategy="no", max_length=16)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            eos_token_id=2,
+            bos_token_id=2,
+        )
+    )
+    texts = [" ".join(words[i % 5 : i % 5 + 6]) for i in range(40)]
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        max_length=16,
+    )
     config = SpIELConfig(target_modules="all-linear", density=0.05, reselection_steps=4, accumulation_steps=2)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                             processing_class=tokenizer, peft_config=config)
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        peft_config=config,
+    )
     trainer.train()
     assert isinstance(trainer.model, PeftModel)
     layer = trainer.model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")

@@ -41,7 +41,9 @@ def check_delta(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, .
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= numel:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"{where}: index {bad} is out of range for a weight of shape {tuple(shape)} ({numel} entries)")
+        raise ValueError(
+            f"{where}: index {bad} is out of range for a weight of shape {tuple(shape)} ({numel} entries)"
+        )
     if torch.unique(indices).numel() != indices.numel():
         raise ValueError(f"{where}: indices contain duplicates")
 
@@ -83,7 +85,9 @@ def combine(
     if not deltas:
         return torch.zeros(0, dtype=index_dtype_for(numel)), torch.zeros(0)
     all_idx = torch.cat([i.to(device=device, dtype=torch.int64) for i, _ in deltas])
-    all_val = torch.cat([v.detach().to(device=device, dtype=torch.float32) * float(w) for (_, v), w in zip(deltas, weights)])
+    all_val = torch.cat(
+        [v.detach().to(device=device, dtype=torch.float32) * float(w) for (_, v), w in zip(deltas, weights)]
+    )
     uniq, inverse = torch.unique(all_idx, return_inverse=True)
     summed = torch.zeros(uniq.numel(), dtype=torch.float32, device=device).index_add_(0, inverse, all_val)
     return uniq.to(index_dtype_for(numel)), summed

@@ -65,7 +65,8 @@ def reseed_optimizer_state(
         if value.shape != param.shape:
             raise ValueError(
                 f"cannot re-seed state {key!r} of {name} (shape {tuple(value.shape)}, parameter "
-                f"{tuple(param.shape)}) for regrown sparse entries; use torch.optim.AdamW, Adam, SGD or peft_sparse.SM3"
+                f"{tuple(param.shape)}) for regrown sparse entries; use torch.optim.AdamW, Adam, SGD or "
+                "peft_sparse.SM3"
             )
         value[slots] = 0
     if not isinstance(optimizer, SM3) and name not in _warned:

@@ -17,8 +17,15 @@ def allocate_budgets(
     proportion to each weight's size (largest remainder, so the total is exact). ``match_lora_rank`` r:
     ``r * (rows + cols)`` per weight, LoRA's parameter count at rank r (capped at the weight's size).
     """
-    given = [name for name, v in (("density", density), ("num_tunable_weights", num_tunable_weights),
-                                  ("match_lora_rank", match_lora_rank)) if v is not None]
+    given = [
+        name
+        for name, v in (
+            ("density", density),
+            ("num_tunable_weights", num_tunable_weights),
+            ("match_lora_rank", match_lora_rank),
+        )
+        if v is not None
+    ]
     if len(given) != 1:
         raise ValueError(f"exactly one of density, num_tunable_weights, match_lora_rank must be set, got {given}")
     sizes = [int(r) * int(c) for r, c in shapes]

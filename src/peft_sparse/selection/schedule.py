@@ -15,7 +15,9 @@ def is_reselection_step(step: int, reselection_steps: int, total_steps: Optional
     return total_steps is None or step < total_steps
 
 
-def in_estimation_phase(next_step: int, reselection_steps: int, accumulation_steps: int, total_steps: Optional[int]) -> bool:
+def in_estimation_phase(
+    next_step: int, reselection_steps: int, accumulation_steps: int, total_steps: Optional[int]
+) -> bool:
     """True if the micro-batches of update ``next_step`` (1-based) feed the AG gradient estimate.
 
     The phase is the ``accumulation_steps`` updates that end at a reselection step.

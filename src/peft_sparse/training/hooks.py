@@ -26,7 +26,11 @@ def _owned_values(optimizer: torch.optim.Optimizer):
             if owner is None:
                 continue
             layer, adapter = owner[0](), owner[1]
-            if layer is not None and layer.sparse_values.get(adapter) is param and hasattr(layer, "after_optimizer_step"):
+            if (
+                layer is not None
+                and layer.sparse_values.get(adapter) is param
+                and hasattr(layer, "after_optimizer_step")
+            ):
                 yield layer, adapter
 
 

@@ -42,7 +42,9 @@ class DenseBaseWeight:
         """The dtype the forward computes in when autocast is off."""
         return self.tensor.dtype
 
-    def with_delta(self, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    def with_delta(
+        self, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, backend: str
+    ) -> torch.Tensor:
         """A dense ``W + scatter(indices, values)`` in ``dtype`` (a new tensor; ``W`` is untouched)."""
         return apply_delta(self.tensor, indices, values, backend).to(dtype)
 

@@ -75,7 +75,9 @@ class NF4BaseWeight:
         empty = torch.zeros(0, dtype=torch.int64, device=self.device)
         return self.with_delta(empty, empty.float(), dtype, backend)
 
-    def with_delta(self, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    def with_delta(
+        self, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, backend: str
+    ) -> torch.Tensor:
         """``DEQUANT(W) + scatter(indices, values)`` in ``dtype``, in one fused op where a kernel exists."""
         self._standard_layout()
         return dequantize_nf4_delta(self.params.data, self.quant_state, indices, values, dtype, backend)
@@ -107,7 +109,9 @@ class NF4BaseWeight:
         blocks = torch.unique(idx // block)
         positions = blocks[:, None] * block + torch.arange(block, device=target.device)[None, :]
         valid = positions < numel
-        block_values = torch.where(valid, target[positions.clamp(max=numel - 1)], torch.zeros((), device=target.device))
+        block_values = torch.where(
+            valid, target[positions.clamp(max=numel - 1)], torch.zeros((), device=target.device)
+        )
         stored, scale = self._block_scales(blocks, block_values.abs().amax(1))
         normalised = block_values / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
         code = qs.code.float().to(target.device)

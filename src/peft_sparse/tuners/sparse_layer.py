@@ -239,13 +239,14 @@ class SparseDeltaLayer(BaseTunerLayer):
             if error > 0:
                 warnings.warn(
                     f"merging adapter {adapter!r} into the quantised weight re-quantised the blocks it touches; "
-                    f"largest deviation from W + delta: {error:.3g}. merge_and_unload(dequantize=True) is exact."
+                    f"largest deviation from W + delta: {error:.3g}. merge_and_unload(dequantize=True) is exact.",
+                    stacklevel=2,
                 )
 
     def unmerge(self) -> None:
         """Restore the base weight exactly as it was before ``merge``."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()

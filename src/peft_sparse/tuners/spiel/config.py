@@ -28,8 +28,8 @@ class SpIELConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
-            "help": "Module names (list), a regex, or 'all-linear' to wrap with sparse deltas. None: the architecture's "
-            "default (as for LoRA)."
+            "help": "Module names (list), a regex, or 'all-linear' to wrap with sparse deltas. None: the "
+            "architecture's default (as for LoRA)."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
@@ -100,14 +100,18 @@ class SpIELConfig(PeftConfig):
             not isinstance(self.num_tunable_weights, int) or self.num_tunable_weights < 1
         ):
             raise ValueError(f"num_tunable_weights must be a positive integer, got {self.num_tunable_weights!r}")
-        if self.match_lora_rank is not None and (not isinstance(self.match_lora_rank, int) or self.match_lora_rank < 1):
+        if self.match_lora_rank is not None and (
+            not isinstance(self.match_lora_rank, int) or self.match_lora_rank < 1
+        ):
             raise ValueError(f"match_lora_rank must be a positive integer, got {self.match_lora_rank!r}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if not isinstance(self.reselection_steps, int) or self.reselection_steps < 1:
             raise ValueError(f"reselection_steps must be a positive integer, got {self.reselection_steps!r}")
-        if not isinstance(self.accumulation_steps, int) or self.accumulation_steps < 1 or (
-            self.selection == "ag" and self.accumulation_steps > self.reselection_steps
+        if (
+            not isinstance(self.accumulation_steps, int)
+            or self.accumulation_steps < 1
+            or (self.selection == "ag" and self.accumulation_steps > self.reselection_steps)
         ):
             raise ValueError(
                 f"accumulation_steps must be a positive integer, at most reselection_steps={self.reselection_steps} "

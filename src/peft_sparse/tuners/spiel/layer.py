@@ -182,7 +182,10 @@ class SpIELLayer(SparseDeltaLayer):
             idx = self.sparse_indices[adapter_name].long()
             cols = self.weight_shape[1]
             sm3_accumulate(
-                self.spiel_row_stats[adapter_name], self.spiel_col_stats[adapter_name], idx // cols, idx % cols,
+                self.spiel_row_stats[adapter_name],
+                self.spiel_col_stats[adapter_name],
+                idx // cols,
+                idx % cols,
                 values.grad,
             )
         pending = self._pending.pop(adapter_name, None)
@@ -201,7 +204,11 @@ class SpIELLayer(SparseDeltaLayer):
         config = self.sparse_config[adapter_name]
         values, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
         k = reselection_count(
-            step, values.numel(), config.reselection_steps, config.initial_reselection_rate, config.total_steps,
+            step,
+            values.numel(),
+            config.reselection_steps,
+            config.initial_reselection_rate,
+            config.total_steps,
             config.reselection_schedule,
         )
         numel = self.weight_numel
