@@ -1,18 +1,36 @@
 """peft-sparse: sparse fine-tuning methods as Hugging Face PEFT tuners.
 
-Importing this package adds ``PeftType.SPIEL`` to PEFT and registers the method, so ``get_peft_model``,
-``PeftModel.from_pretrained`` and transformers' ``load_adapter`` work with ``SpIELConfig`` adapters.
+Importing this package adds ``PeftType.SPIEL`` and ``PeftType.LTSFT`` to PEFT and registers the methods, so
+``get_peft_model``, ``PeftModel.from_pretrained`` and transformers' ``load_adapter`` work with ``SpIELConfig`` and
+``LTSFTConfig`` adapters. ``peft_sparse.ltsft`` drives the LT-SFT phases.
 """
 
+from . import interop
 from ._registration import register_method
+from .compose import compose_adapters, sparsify
 from .optim import SM3
 from .training import install as _install_training_hooks
 from .training import set_total_steps
-from .tuners import SpIELConfig, SpIELLayer, SpIELModel, sparse_deltas
+from .tuners import LTSFTConfig, LTSFTLayer, LTSFTModel, SpIELConfig, SpIELLayer, SpIELModel, ltsft, sparse_deltas
 
 __version__ = "0.1.0"
 
 register_method("spiel", SpIELConfig, SpIELModel)
+register_method("ltsft", LTSFTConfig, LTSFTModel)
 _install_training_hooks()
 
-__all__ = ["SM3", "SpIELConfig", "SpIELLayer", "SpIELModel", "set_total_steps", "sparse_deltas"]
+__all__ = [
+    "SM3",
+    "LTSFTConfig",
+    "LTSFTLayer",
+    "LTSFTModel",
+    "SpIELConfig",
+    "SpIELLayer",
+    "SpIELModel",
+    "compose_adapters",
+    "interop",
+    "ltsft",
+    "set_total_steps",
+    "sparse_deltas",
+    "sparsify",
+]

@@ -72,7 +72,7 @@ def _numel(quant_state) -> int:
 
 
 def _dequantize_bnb(packed: torch.Tensor, quant_state, out_dtype: torch.dtype) -> torch.Tensor:
-    """bitsandbytes' ``dequantize_4bit`` of ``packed`` in ``out_dtype``, contiguous with shape ``quant_state.shape``."""
+    """bitsandbytes' ``dequantize_4bit`` of ``packed`` in ``out_dtype``, contiguous, of shape ``quant_state.shape``."""
     from bitsandbytes.functional import dequantize_4bit
 
     shape = torch.Size(quant_state.shape)
@@ -172,7 +172,8 @@ def check_dequantize_nf4_args(
     n_bytes = packed.numel() * packed.element_size()
     if n_bytes < cdiv(numel, 2):
         raise ValueError(
-            f"packed holds {n_bytes} bytes, fewer than the {cdiv(numel, 2)} that shape {tuple(quant_state.shape)} needs"
+            f"packed holds {n_bytes} bytes, fewer than the {cdiv(numel, 2)} that shape "
+            f"{tuple(quant_state.shape)} needs"
         )
     n_blocks = cdiv(numel, quant_state.blocksize)
     if quant_state.absmax.numel() < n_blocks:

@@ -10,9 +10,12 @@ from .policies import (
     replace_entries,
 )
 from .schedule import SCHEDULES, in_estimation_phase, is_reselection_step, reselection_count
+from .topk import ChangeSource, TopKSelection, largest_changes, largest_changes_per_tensor
 
 __all__ = [
     "SCHEDULES",
+    "ChangeSource",
+    "TopKSelection",
     "allocate_budgets",
     "drop_smallest",
     "grow_by_accumulated_gradient",
@@ -21,6 +24,8 @@ __all__ = [
     "in_estimation_phase",
     "is_member",
     "is_reselection_step",
+    "largest_changes",
+    "largest_changes_per_tensor",
     "replace_entries",
     "reselection_count",
 ]
