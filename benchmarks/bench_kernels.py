@@ -5,8 +5,8 @@ Measures, in bf16 on one GPU:
 - value gradient: dense ``dY.T @ X`` then gather K entries (what earlier implementations do) against the Triton
   SDDMM, in its default (operands as given) and token-major (operands transposed first) layouts;
 - a linear layer's forward + backward: frozen ``nn.Linear``-style GEMMs, the sparse-delta layer (merged:
-  ``apply_delta``
-  then GEMM, values' gradient by SDDMM; and, where ``tokens * K`` is small enough, the split formulation), and LoRA
+  ``apply_delta`` then GEMM, values' gradient by SDDMM; and, where ``tokens * K`` is small enough, the split
+  formulation), and LoRA
   of the same parameter count (``r = K / (in + out)``, dropout 0);
 - ``apply_delta`` (clone + scatter) and ``topk_outer_product`` (SpIEL-MA growth) against their PyTorch references;
 - qSpIEL's ``DEQUANT(W_nf4) + Delta`` (NF4, blocksize 64, double-quantised absmax, bf16 output): the fused Triton
