@@ -40,13 +40,18 @@ def sddmm_reference(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, nco
     """Return ``out[n] = sum_t a[t, indices[n] // ncols] * b[t, indices[n] % ncols]`` in float32.
 
     ``a`` is ``[tokens, rows]``, ``b`` is ``[tokens, ncols]``; ``indices`` are flat row-major positions into a
-    ``[rows, ncols]`` matrix. Accumulates in float32 whatever the input dtype.
+    ``[rows, ncols]`` matrix. Accumulates in float32 whatever the input dtype. Gathers the K needed products unless
+    ``tokens * K`` reaches ``rows * ncols``, where it forms the dense product once and picks the K entries.
     """
     k = indices.numel()
     out = torch.zeros(k, dtype=torch.float32, device=a.device)
     if k == 0 or a.shape[0] == 0:
         return out
     idx = indices.long()
+    if k * a.shape[0] >= a.shape[1] * ncols:
+        # gathering would touch more numbers than the dense product holds: the BLAS product is then faster and no
+        # larger (the CPU path only; the Triton kernel never forms it)
+        return (a.float().t() @ b.float()).view(-1)[idx]
     rows, cols = idx // ncols, idx % ncols
     step = max(1, _REFERENCE_CHUNK_ELEMENTS // max(1, a.shape[0]))
     for start in range(0, k, step):
