@@ -1,0 +1,104 @@
+"""Smoke test of benchmarks/bench_train.py: a micro run (two methods, three updates) and the argument checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+REQUIRED = {
+    "method": str,
+    "preset": str,
+    "device": str,
+    "trainable_params": int,
+    "step_time_s_median": float,
+    "step_time_s_min": float,
+    "step_time_s_max": float,
+    "peak_mem_bytes": int,
+    "eval_loss": float,
+    "gradient_checkpointing": bool,
+}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_micro_run_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--preset",
+        "cpu-tiny",
+        "--methods",
+        "lora,spiel-ag",
+        "--steps",
+        "3",
+        "--pretrain-steps",
+        "2",
+        "--gradient-checkpointing",
+        "off",
+        "--profile",
+        "none",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+        "--base-dir",
+        str(tmp_path / "base"),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    records = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in records] == ["lora", "spiel-ag"]
+    for record in records:
+        for key, kind in REQUIRED.items():
+            assert isinstance(record[key], kind), (record["method"], key, record.get(key))
+        assert record["preset"] == "cpu-tiny" and record["gradient_checkpointing"] is False
+        assert record["step_time_s_min"] <= record["step_time_s_median"] <= record["step_time_s_max"]
+        assert record["peak_mem_bytes"] > 0 and 0 < record["eval_loss"] < 10
+        assert len(record["loss_curve"]) == 3
+    lora, spiel = records
+    # LoRA r=4 on q, k, v, o (128 x 128), gate, up (352 x 128) and down (128 x 352), 4 layers: r * (in + out) each
+    expected = 4 * (4 * (128 + 128) + 3 * (128 + 352)) * 4
+    assert lora["trainable_params"] == spiel["trainable_params"] == expected
+
+    table = (out / "results.md").read_text()
+    assert "date:" in table and "machine:" in table and "x LoRA" in table
+    assert (out / "results.png").stat().st_size > 0
+
+
+def test_arguments_are_checked(tmp_path: Path) -> None:
+    bench = load_script()
+    out = ["--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--preset", "cpu-tiny", "--methods", "qlora", *out])  # GPU only
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--preset", "cpu-tiny", "--methods", "lora,nope", *out])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--preset", "cpu-tiny"])  # --out is required
+    assert bench.parse_args(["--preset", "cpu-tiny", "--methods", "lora", *out]).methods == ("lora",)
+    gpu = ["--preset", "gpu-1b", "--methods", "lora,qspiel-ma", "--gradient-checkpointing", "on"]
+    args = bench.parse_args(gpu + out)
+    assert args.methods == ("lora", "qspiel-ma") and args.gc_settings == [True]
+    assert args.settings["seq_len"] == 2048 and args.settings["rank"] == 64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
+def test_gpu_preset_fails_clearly_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bench = load_script()
+    assert bench.main(["--preset", "gpu-1b", "--methods", "lora", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
