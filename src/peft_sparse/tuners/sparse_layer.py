@@ -58,14 +58,19 @@ class SparseDeltaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
-        if not supported_weight(base):
-            raise TypeError(
-                f"sparse tuners wrap torch.nn.Linear and transformers' Conv1D, got {type(base).__name__}"
-            )
+        if not self.supports(base):
+            raise TypeError(f"{type(self).__name__} wraps {self.supported_types}, got {type(base).__name__}")
         self.transposed = isinstance(base, Conv1D) if Conv1D else False
         rows, cols = self.weight_shape
         self.in_features, self.out_features = (rows, cols) if self.transposed else (cols, rows)
         self.kwargs = kwargs
+
+    supported_types = "torch.nn.Linear and transformers' Conv1D"
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        """True if this layer class can wrap ``module``."""
+        return supported_weight(module)
 
     # ----------------------------------------------------------------------------------------- storage
     @property

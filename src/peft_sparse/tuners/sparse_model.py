@@ -15,7 +15,7 @@ from torch import nn
 from ..delta import combine
 from ..selection import allocate_budgets
 from .bnb import dequantize_layer
-from .sparse_layer import SparseDeltaLayer, supported_weight
+from .sparse_layer import SparseDeltaLayer
 
 
 class SparseTunerModel(BaseTuner):
@@ -34,13 +34,13 @@ class SparseTunerModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        if isinstance(target, SparseDeltaLayer):
+        if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, peft_config, current_key)
             return
-        if not supported_weight(target):
+        if isinstance(target, SparseDeltaLayer) or not self.layer_cls.supports(target):
             raise TypeError(
-                f"target module {current_key!r} is a {type(target).__name__}; sparse tuners support torch.nn.Linear "
-                "and transformers' Conv1D"
+                f"target module {current_key!r} is a {type(target).__name__}; {self.layer_cls.__name__} supports "
+                f"{self.layer_cls.supported_types}"
             )
         new_module = self.layer_cls(target, adapter_name, peft_config, current_key)
         if adapter_name not in self.active_adapters:

@@ -39,30 +39,20 @@ class LTSFTLayer(SparseDeltaLayer):
     adapter_layer_names = ("ltsft_values", "ltsft_bias_values")
     other_param_names = ("ltsft_indices", "ltsft_shape", "ltsft_bias_indices")
 
+    supported_types = "torch.nn.Linear, torch.nn.Embedding and transformers' Conv1D"
+
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        # SparseDeltaLayer.__init__ accepts Linear/Conv1D only; the same state is set up here for embeddings too.
-        self.base_layer = base_layer
-        for name in self.adapter_layer_names:
-            setattr(self, name, nn.ParameterDict({}))
-        for name in self.other_param_names:
-            setattr(self, name, BufferDict(persistent=True))
-        self.sparse_config: dict[str, Any] = {}
+        super().__init__(base_layer, **kwargs)
         self.ltsft_phase: dict[str, str] = {}
         self.ltsft_theta0: dict[str, dict[str, torch.Tensor]] = {}  # not a buffer: never saved, never moved
-        self._merged_originals: dict[str, torch.Tensor] = {}
         self._merged_bias_originals: dict[str, torch.Tensor] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
-        base = self.get_base_layer()
-        if not supported_module(base):
-            raise TypeError(
-                f"LT-SFT wraps torch.nn.Linear, torch.nn.Embedding and transformers' Conv1D, got {type(base).__name__}"
-            )
-        self.is_embedding = isinstance(base, nn.Embedding)
-        self.transposed = bool(Conv1D) and isinstance(base, Conv1D)
-        rows, cols = base.weight.shape
-        self.in_features, self.out_features = (rows, cols) if (self.transposed or self.is_embedding) else (cols, rows)
-        self.kwargs = kwargs
+        self.is_embedding = isinstance(self.get_base_layer(), nn.Embedding)
+        if self.is_embedding:  # weight [num_embeddings, dim]: indices in, vectors out
+            self.in_features, self.out_features = self.weight_shape
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return supported_module(module)
 
     @property
     def sparse_bias_values(self) -> nn.ParameterDict:

@@ -19,7 +19,6 @@ from torch import nn
 from ...delta import combine
 from ...selection import allocate_budgets
 from ...selection.topk import ChangeSource, largest_changes, largest_changes_per_tensor
-from ..sparse_layer import SparseDeltaLayer
 from ..sparse_model import SparseTunerModel, _sparse_layers, remove_adapter_everywhere
 from .layer import DENSE, SPARSE, LTSFTLayer, LTSFTModule, supported_module
 
@@ -100,29 +99,6 @@ class LTSFTModel(SparseTunerModel):
             _untie_output_embeddings(model)
         if peft_config.target_modules is None:
             peft_config.target_modules = default_target_modules(model, peft_config.modules_to_save)
-
-    def _create_and_replace(
-        self,
-        peft_config: Any,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        if isinstance(target, LTSFTLayer):
-            target.update_layer(adapter_name, peft_config, current_key)
-            return
-        if isinstance(target, SparseDeltaLayer) or not supported_module(target):
-            raise TypeError(
-                f"target module {current_key!r} is a {type(target).__name__}; LT-SFT supports torch.nn.Linear, "
-                "torch.nn.Embedding and transformers' Conv1D"
-            )
-        new_module = self.layer_cls(target, adapter_name, peft_config, current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
