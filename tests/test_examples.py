@@ -1,0 +1,36 @@
+"""The examples a user copies still run end to end (few steps; their own checks decide the exit status)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_example(args, tmp_path):
+    env = dict(os.environ, MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_quickstart_trains_saves_reloads_and_merges(tmp_path):
+    out = run_example(
+        [str(ROOT / "examples/quickstart.py"), "--steps", "6", "--reselection_steps", "3", "--seq_len", "32",
+         "--output_dir", str(tmp_path / "qs")],
+        tmp_path,
+    )
+    assert "SpIEL-AG" in out and "LoRA r=8" in out
+    assert "-> OK" in out
+    assert (tmp_path / "qs" / "adapter_model.safetensors").exists()
+
+
+def test_train_ltsft_writes_base_and_adapter(tmp_path):
+    run_example(
+        [str(ROOT / "examples/train_ltsft.py"), "--output_dir", str(tmp_path / "lt"), "--dense_steps", "4",
+         "--sparse_steps", "4", "--seq_len", "32"],
+        tmp_path,
+    )
+    assert (tmp_path / "lt" / "base" / "config.json").exists()
+    assert (tmp_path / "lt" / "adapter" / "adapter_config.json").exists()
