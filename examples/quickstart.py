@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch.utils.data import Dataset
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -47,38 +46,17 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import peft_sparse  # importing registers the SpIEL tuner with PEFT
-from peft_sparse.data import load_corpus
+from peft_sparse.data import TokenWindows, encode, load_corpus
 
 HELD_OUT_FRACTION = 0.1
 
 
 # --------------------------------------------------------------------------------------------- data
-class ChunkDataset(Dataset):
-    """Fixed-length windows of a token sequence; the labels are the inputs (the model shifts them)."""
-
-    def __init__(self, tokens: torch.Tensor, seq_len: int, stride: int) -> None:
-        starts = range(0, tokens.numel() - seq_len, stride)
-        self.chunks = torch.stack([tokens[s : s + seq_len] for s in starts])
-
-    def __len__(self) -> int:
-        return self.chunks.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.chunks[i], "labels": self.chunks[i]}
-
-
-def tokenize(text: str, tokenizer) -> torch.Tensor:
-    """Token ids of ``text``: UTF-8 bytes without a tokenizer, else the tokenizer's ids (no special tokens)."""
-    if tokenizer is None:
-        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-
-def split_corpus(text: str, tokenizer, seq_len: int) -> tuple[ChunkDataset, ChunkDataset]:
+def split_corpus(text: str, tokenizer, seq_len: int) -> tuple[TokenWindows, TokenWindows]:
     """Train on the first 90 % of the corpus (overlapping windows) and hold out the rest (disjoint windows)."""
     cut = text.rfind("\n\n", 0, int(len(text) * (1 - HELD_OUT_FRACTION)))
-    train_tokens, held_tokens = tokenize(text[:cut], tokenizer), tokenize(text[cut:], tokenizer)
-    return ChunkDataset(train_tokens, seq_len, seq_len // 2), ChunkDataset(held_tokens, seq_len, seq_len)
+    train_tokens, held_tokens = encode(text[:cut], tokenizer), encode(text[cut:], tokenizer)
+    return TokenWindows(train_tokens, seq_len, seq_len // 2), TokenWindows(held_tokens, seq_len, seq_len)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -105,7 +83,7 @@ def build_base(args: argparse.Namespace):
 
 
 @torch.no_grad()
-def held_out_loss(model: torch.nn.Module, dataset: ChunkDataset, batch_size: int = 16) -> float:
+def held_out_loss(model: torch.nn.Module, dataset: TokenWindows, batch_size: int = 16) -> float:
     """Mean next-token cross-entropy over ``dataset`` (every window weighted by its number of targets)."""
     model.eval()
     total, count = 0.0, 0
@@ -163,7 +141,7 @@ class Recorder(TrainerCallback):
 def train(
     name: str,
     model: torch.nn.Module,
-    dataset: ChunkDataset,
+    dataset: TokenWindows,
     args: argparse.Namespace,
     lr: float,
     workdir: str,

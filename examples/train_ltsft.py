@@ -28,33 +28,12 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
-from torch.utils.data import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 import peft_sparse  # LT-SFT: importing registers the LTSFT tuner with PEFT
-from peft_sparse.data import load_corpus
+from peft_sparse.data import TokenWindows, encode, load_corpus
 
 HELD_OUT_FRACTION = 0.1
-
-
-class ChunkDataset(Dataset):
-    """Fixed-length windows of a token sequence; the labels are the inputs (the model shifts them)."""
-
-    def __init__(self, tokens: torch.Tensor, seq_len: int, stride: int) -> None:
-        starts = range(0, tokens.numel() - seq_len, stride)
-        self.chunks = torch.stack([tokens[s : s + seq_len] for s in starts])
-
-    def __len__(self) -> int:
-        return self.chunks.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.chunks[i], "labels": self.chunks[i]}
-
-
-def tokenize(text: str, tokenizer) -> torch.Tensor:
-    if tokenizer is None:
-        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 def build_base(args: argparse.Namespace):
@@ -79,7 +58,7 @@ def build_base(args: argparse.Namespace):
 
 
 @torch.no_grad()
-def held_out_loss(model: torch.nn.Module, dataset: ChunkDataset, batch_size: int = 16) -> float:
+def held_out_loss(model: torch.nn.Module, dataset: TokenWindows, batch_size: int = 16) -> float:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
@@ -150,8 +129,8 @@ def main(argv=None) -> int:
     base, tokenizer = build_base(args)
     text = load_corpus()
     cut = text.rfind("\n\n", 0, int(len(text) * (1 - HELD_OUT_FRACTION)))
-    train_set = ChunkDataset(tokenize(text[:cut], tokenizer), args.seq_len, args.seq_len // 2)
-    held_set = ChunkDataset(tokenize(text[cut:], tokenizer), args.seq_len, args.seq_len)
+    train_set = TokenWindows(encode(text[:cut], tokenizer), args.seq_len, args.seq_len // 2)
+    held_set = TokenWindows(encode(text[cut:], tokenizer), args.seq_len, args.seq_len)
     n_params = sum(p.numel() for p in base.parameters())
     print(
         f"model: {args.model or 'random LlamaConfig (byte tokens)'}, {n_params:,} parameters; "
