@@ -560,7 +560,7 @@ def test_untie_output_embeddings_freezes_a_copy():
 
 # --------------------------------------------------------------------------------------------- errors
 def test_config_and_phase_errors():
-    with pytest.raises(ValueError, match="only one of num_tunable_weights and density"):
+    with pytest.raises(ValueError, match="only one of num_tunable_weights, density"):
         LTSFTConfig(num_tunable_weights=3, density=0.1)
     with pytest.raises(ValueError, match="density must be in"):
         LTSFTConfig(density=1.5)

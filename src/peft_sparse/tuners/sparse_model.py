@@ -117,12 +117,10 @@ class SparseTunerModel(BaseTuner):
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     # ----------------------------------------------------------------------------------------- composition
-    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
-        """Add ``adapter_name`` = sum of ``weights[j] * adapters[j]``: union of positions, overlapping values summed.
-
-        The new adapter is not made active (call ``set_adapter``). Adapters with ``modules_to_save`` cannot be
-        combined (their dense heads have no sparse sum).
-        """
+    def _check_weighted_adapter_args(
+        self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
+    ) -> tuple[list[str], list[float]]:
+        """Validate ``add_weighted_adapter``'s arguments; returns them as lists."""
         adapters, weights = list(adapters), [float(w) for w in weights]
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter_name {adapter_name!r} already exists")
@@ -133,6 +131,15 @@ class SparseTunerModel(BaseTuner):
         missing = [a for a in adapters if a not in self.peft_config]
         if missing:
             raise ValueError(f"adapters {missing} do not exist; available: {sorted(self.peft_config)}")
+        return adapters, weights
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
+        """Add ``adapter_name`` = sum of ``weights[j] * adapters[j]``: union of positions, overlapping values summed.
+
+        The new adapter is not made active (call ``set_adapter``). Adapters with ``modules_to_save`` cannot be
+        combined (their dense heads have no sparse sum).
+        """
+        adapters, weights = self._check_weighted_adapter_args(adapters, weights, adapter_name)
         configs = [self.peft_config[a] for a in adapters]
         with_heads = [a for a, c in zip(adapters, configs) if c.modules_to_save]
         if with_heads:

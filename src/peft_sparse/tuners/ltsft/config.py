@@ -7,11 +7,9 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 
 from ..._registration import ensure_peft_type
-from ...kernels import BACKENDS
-from ..sparse_layer import DTYPES
+from ..config_checks import check_common_fields
 
 SELECTION_SCOPES = ("global", "per_tensor")
-DEFAULT_DENSITY = 0.01
 
 
 @dataclass
@@ -109,25 +107,7 @@ class LTSFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("LTSFT")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern is only used with layers_to_transform, which is None")
-        if self.num_tunable_weights is not None and self.density is not None:
-            raise ValueError(
-                f"set only one of num_tunable_weights and density, got num_tunable_weights={self.num_tunable_weights} "
-                f"and density={self.density}"
-            )
-        if self.num_tunable_weights is None and self.density is None:
-            self.density = DEFAULT_DENSITY
-        if self.density is not None and not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
-        if self.num_tunable_weights is not None and (
-            not isinstance(self.num_tunable_weights, int) or self.num_tunable_weights < 1
-        ):
-            raise ValueError(f"num_tunable_weights must be a positive integer, got {self.num_tunable_weights!r}")
+        check_common_fields(self, ("num_tunable_weights", "density"))
         for name in ("dense_l1_reg", "sparse_l1_reg"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
@@ -148,7 +128,3 @@ class LTSFTConfig(PeftConfig):
             )
         if self.theta0_device not in (None, "cpu"):
             raise ValueError(f"theta0_device must be None or 'cpu', got {self.theta0_device!r}")
-        if self.delta_dtype not in DTYPES:
-            raise ValueError(f"delta_dtype must be one of {tuple(DTYPES)}, got {self.delta_dtype!r}")
-        if self.kernel_backend not in BACKENDS:
-            raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}")

@@ -395,16 +395,7 @@ class LTSFTModel(SparseTunerModel):
         """Add ``adapter_name`` = sum of ``weights[j] * adapters[j]`` (weights and biases): union of positions,
         overlapping values summed. ``modules_to_save`` heads are copied unweighted from the one adapter that has them
         (two adapters with a head for the same module are an error). The new adapter is not made active."""
-        adapters, weights = list(adapters), [float(w) for w in weights]
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter_name {adapter_name!r} already exists")
-        if not adapters or len(adapters) != len(weights):
-            raise ValueError(
-                f"need as many weights as adapters, got {len(adapters)} adapters and {len(weights)} weights"
-            )
-        missing = [a for a in adapters if a not in self.peft_config]
-        if missing:
-            raise ValueError(f"adapters {missing} do not exist; available: {sorted(self.peft_config)}")
+        adapters, weights = self._check_weighted_adapter_args(adapters, weights, adapter_name)
         dense = [a for a in adapters if self.phase(a) == DENSE]
         if dense:
             raise ValueError(f"adapters {dense} are in the LT-SFT dense phase and have no deltas yet")

@@ -8,12 +8,10 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from ..._registration import ensure_peft_type
-from ...kernels import BACKENDS
 from ...selection import SCHEDULES
-from ..sparse_layer import DTYPES
+from ..config_checks import check_common_fields
 
 SELECTIONS = ("ag", "ma", "random")
-DEFAULT_DENSITY = 0.01
 
 
 @dataclass
@@ -83,23 +81,7 @@ class SpIELConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("SPIEL")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern is only used with layers_to_transform, which is None")
-        budgets = [n for n in ("density", "num_tunable_weights", "match_lora_rank") if getattr(self, n) is not None]
-        if len(budgets) > 1:
-            raise ValueError(f"set only one of density, num_tunable_weights, match_lora_rank; got {budgets}")
-        if not budgets:
-            self.density = DEFAULT_DENSITY
-        if self.density is not None and not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
-        if self.num_tunable_weights is not None and (
-            not isinstance(self.num_tunable_weights, int) or self.num_tunable_weights < 1
-        ):
-            raise ValueError(f"num_tunable_weights must be a positive integer, got {self.num_tunable_weights!r}")
+        check_common_fields(self, ("density", "num_tunable_weights", "match_lora_rank"))
         if self.match_lora_rank is not None and (
             not isinstance(self.match_lora_rank, int) or self.match_lora_rank < 1
         ):
@@ -124,9 +106,5 @@ class SpIELConfig(PeftConfig):
             raise ValueError(f"reselection_schedule must be one of {SCHEDULES}, got {self.reselection_schedule!r}")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer or None, got {self.total_steps!r}")
-        if self.delta_dtype not in DTYPES:
-            raise ValueError(f"delta_dtype must be one of {tuple(DTYPES)}, got {self.delta_dtype!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.kernel_backend not in BACKENDS:
-            raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}")
