@@ -20,7 +20,6 @@ from peft_sparse.kernels import (
     apply_delta,
     apply_delta_reference,
     dispatch,
-    prefer_split_formulation,
     register_triton_op,
     resolve,
     sddmm,
@@ -304,11 +303,6 @@ def test_sparse_delta_product_gradients_match_dense_autograd(setting):
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(values.grad.double(), v64.grad, rtol=1e-5, atol=1e-5)
-
-
-def test_prefer_split_formulation_follows_traffic_model():
-    assert prefer_split_formulation(tokens=1, nrows=4096, ncols=4096, k=167_772)
-    assert not prefer_split_formulation(tokens=8192, nrows=4096, ncols=4096, k=167_772)
 
 
 # --------------------------------------------------------------------------------------------- topk_outer_product

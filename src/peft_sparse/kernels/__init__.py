@@ -21,7 +21,6 @@ from .dispatch import (
 from .sddmm import sddmm_reference, sddmm_triton
 from .sparse_delta_matmul import (
     SparseDeltaMatmul,
-    prefer_split_formulation,
     sparse_delta_matmul_reference,
     sparse_delta_matmul_triton,
     sparse_delta_product,
@@ -45,7 +44,6 @@ __all__ = [
     "dequantize_nf4_delta",
     "dequantize_nf4_delta_reference",
     "dequantize_nf4_delta_triton",
-    "prefer_split_formulation",
     "register_triton_op",
     "requested_backend",
     "resolve",

@@ -9,10 +9,13 @@ A layer ``y = x @ (W + Delta).T`` with a K-sparse ``Delta`` can be computed two 
   buffer, but each product touches ``tokens * K`` gathered inputs and float32 atomic adds, which run on the
   memory system rather than the tensor cores.
 
-So the split product wins only when ``tokens * K`` is small next to ``out * in``, i.e. when ``tokens`` is below about
-``1 / density`` (decoding, tiny batches); training batches of thousands of tokens favour the merged formulation.
-``prefer_split_formulation`` encodes that traffic model. It has NOT been measured (no GPU was available when this was
-written); ``benchmarks/bench_kernels.py`` times both so the rule can be checked and its constant tuned.
+Measured on a 2-core CPU (PyTorch references, weight [2752, 1024], densities 0.5 % and 1 %;
+``benchmarks/results/bench_formulations_cpu.md``): split is about 2x faster for a single token (decoding), even at 16
+tokens, and 1.2x to 4.6x slower from 64 tokens on, for training steps and for inference alike. So the layer uses the
+merged formulation for every shape: training batches are far past the crossover, decoding is better served by
+``merge_and_unload()`` (no delta at all), and merged outputs equal a merged model's bit for bit, which the split
+sum does not. On a GPU the crossover has not been measured (no GPU was available); ``benchmarks/bench_kernels.py``
+times both formulations at Llama-7B shapes for that.
 
 ``sparse_delta_product`` (the ``SparseDeltaMatmul`` autograd Function) is the differentiable form: its backward
 uses this op transposed for ``dx`` and ``sddmm`` for the values, so ``F.linear(x, W) + sparse_delta_product(...)`` is
@@ -39,15 +42,6 @@ NUM_WARPS = 4
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def prefer_split_formulation(tokens: int, nrows: int, ncols: int, k: int) -> bool:
-    """Whether the split product is expected to beat merging the delta for ``tokens`` rows of input.
-
-    Takes the token count, the weight shape ``[nrows, ncols]`` and the number of delta entries ``k``; returns True
-    when ``tokens * k <= nrows * ncols`` (an unmeasured memory-traffic model, see the module docstring).
-    """
-    return tokens * k <= nrows * ncols
 
 
 def sparse_delta_matmul_reference(
