@@ -75,8 +75,11 @@ def test_micro_run_writes_results(tmp_path: Path) -> None:
     expected = 4 * (4 * (128 + 128) + 3 * (128 + 352)) * 4
     assert lora["trainable_params"] == spiel["trainable_params"] == expected
 
+    assert lora["delta_structure"] is None
+    assert spiel["delta_structure"]["deltas"] == 4 * 7
     table = (out / "results.md").read_text()
     assert "date:" in table and "machine:" in table and "x LoRA" in table
+    assert "| spiel-ag | " in table.split("Where the sparse entries are")[1]
     assert (out / "results.png").stat().st_size > 0
 
 
@@ -102,3 +105,46 @@ def test_gpu_preset_fails_clearly_without_cuda(tmp_path: Path, capsys: pytest.Ca
     assert bench.main(["--preset", "gpu-1b", "--methods", "lora", "--out", str(tmp_path)]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_delta_structure_matches_a_dense_mask() -> None:
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peft_sparse
+
+    bench = load_script()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        peft_sparse.SpIELConfig(target_modules=["q_proj", "up_proj"], num_tunable_weights=120),
+    )
+    # Put every entry of up_proj ([48, 32]) into its first rows, so the two deltas differ clearly.
+    for name, indices, _, _ in peft_sparse.sparse_deltas(model):
+        if "up_proj" in name:
+            indices.copy_(torch.arange(indices.numel(), dtype=indices.dtype))
+    rows, cols, top = [], [], []
+    for _, indices, _, (n_rows, n_cols) in peft_sparse.sparse_deltas(model):
+        mask = torch.zeros(n_rows * n_cols, dtype=torch.bool)
+        mask[indices.long()] = True
+        mask = mask.view(n_rows, n_cols)
+        rows.append(mask.any(1).float().mean().item())
+        cols.append(mask.any(0).float().mean().item())
+        per_row = mask.sum(1).sort(descending=True).values
+        top.append(per_row[: max(1, n_rows // 10)].sum().item() / mask.sum().item())
+    structure = bench.delta_structure(model)
+    assert structure["deltas"] == 2
+    assert structure["rows_covered"] == pytest.approx(sum(rows) / 2)
+    assert structure["cols_covered"] == pytest.approx(sum(cols) / 2)
+    assert structure["top_decile_rows_share"] == pytest.approx(sum(top) / 2)
+    # up_proj's entries fill its first rows completely: few rows, every column
+    assert min(rows) < 0.5 and max(cols) == 1.0
+    assert bench.delta_structure(LlamaForCausalLM(config)) is None
