@@ -108,23 +108,14 @@ def test_gpu_preset_fails_clearly_without_cuda(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_delta_structure_matches_a_dense_mask() -> None:
+    from helpers import tiny_llama
     from peft import get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import peft_sparse
 
     bench = load_script()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
     model = get_peft_model(
-        LlamaForCausalLM(config),
+        tiny_llama(num_hidden_layers=1),
         peft_sparse.SpIELConfig(target_modules=["q_proj", "up_proj"], num_tunable_weights=120),
     )
     # Put every entry of up_proj ([48, 32]) into its first rows, so the two deltas differ clearly.
@@ -147,4 +138,4 @@ def test_delta_structure_matches_a_dense_mask() -> None:
     assert structure["top_decile_rows_share"] == pytest.approx(sum(top) / 2)
     # up_proj's entries fill its first rows completely: few rows, every column
     assert min(rows) < 0.5 and max(cols) == 1.0
-    assert bench.delta_structure(LlamaForCausalLM(config)) is None
+    assert bench.delta_structure(tiny_llama(num_hidden_layers=1)) is None
