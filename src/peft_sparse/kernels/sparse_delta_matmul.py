@@ -10,12 +10,12 @@ A layer ``y = x @ (W + Delta).T`` with a K-sparse ``Delta`` can be computed two 
   memory system rather than the tensor cores.
 
 Measured on a 2-core CPU (PyTorch references, weight [2752, 1024], densities 0.5 % and 1 %;
-``benchmarks/results/bench_formulations_cpu.md``): split is about 2x faster for a single token (decoding), even at 16
-tokens, and 1.2x to 4.6x slower from 64 tokens on, for training steps and for inference alike. So the layer uses the
-merged formulation for every shape: training batches are far past the crossover, decoding is better served by
-``merge_and_unload()`` (no delta at all), and merged outputs equal a merged model's bit for bit, which the split
-sum does not. On a GPU the crossover has not been measured (no GPU was available); ``benchmarks/bench_kernels.py``
-times both formulations at Llama-7B shapes for that.
+``benchmarks/results/bench_formulations_cpu.md``): split is about 2x faster for a single token (decoding), mixed at
+16 tokens (0.8x to 1.4x the merged time), and 1.2x to 4.6x slower from 64 tokens on, for training steps and for
+inference alike. So the layer uses the merged formulation for every shape: training batches are far past the
+crossover, decoding is better served by ``merge_and_unload()`` (no delta at all), and merged outputs equal a merged
+model's bit for bit, which the split sum does not. On a GPU the crossover has not been measured (no GPU was
+available); ``benchmarks/bench_kernels.py`` times both formulations at Llama-7B shapes for that.
 
 ``sparse_delta_product`` (the ``SparseDeltaMatmul`` autograd Function) is the differentiable form: its backward
 uses this op transposed for ``dx`` and ``sddmm`` for the values, so ``F.linear(x, W) + sparse_delta_product(...)`` is
