@@ -11,6 +11,9 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..training.distributed import full_tensor, local_part, local_tensor
+from ..training.registry import owners_of
+
 
 def sm3_accumulate(
     row_acc: torch.Tensor, col_acc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, grad: torch.Tensor
@@ -29,12 +32,12 @@ def sm3_accumulate(
 
 def sparse_layout(param: torch.Tensor) -> Optional[tuple[torch.Tensor, tuple[int, int]]]:
     """``(indices, shape)`` if ``param`` is the values tensor of a live sparse delta, else None."""
-    owner = getattr(param, "_peft_sparse_owner", None)
-    if owner is None:
-        return None
-    layer, adapter = owner[0](), owner[1]
-    if layer is None or layer.sparse_values.get(adapter) is not param:
-        return None
+    owner = owners_of([param]).get(id(param))
+    return None if owner is None else _layout(owner)
+
+
+def _layout(owner: tuple) -> tuple[torch.Tensor, tuple[int, int]]:
+    layer, adapter = owner
     return layer.sparse_indices[adapter], layer.weight_shape
 
 
@@ -43,6 +46,8 @@ class SM3(torch.optim.Optimizer):
 
     Sparse-delta values (the trainable tensors of SpIEL layers) get row/column accumulators of their weight's shape;
     other 2-D parameters get row/column accumulators of their own shape; everything else a per-entry accumulator.
+    Parameters sharded by FSDP2 (``DTensor``) are updated from their all-gathered gradient, so the accumulators
+    (replicated on every rank) equal those of one process; the momentum buffer holds the local slice only.
 
     Args:
         params: parameters or parameter groups.
@@ -77,17 +82,19 @@ class SM3(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        owners = owners_of(p for group in self.param_groups for p in group["params"])
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self._update(p, group)
+                owner = owners.get(id(p))
+                self._update(p, group, None if owner is None else _layout(owner))
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict) -> None:
+    def _update(self, p: torch.Tensor, group: dict, layout: Optional[tuple]) -> None:
         state = self.state[p]
-        grad = p.grad.float()
-        layout = sparse_layout(p)
+        grad = full_tensor(p.grad).float()  # the whole gradient: SM3's accumulators span rows and columns
+        target = local_tensor(p)
         if layout is not None:
             indices, (rows, cols) = layout
             idx = indices.long()
@@ -102,23 +109,23 @@ class SM3(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32)
             if shape is None:
-                state["accumulator"] = torch.zeros_like(p, dtype=torch.float32)
+                state["accumulator"] = torch.zeros(p.shape, dtype=torch.float32, device=target.device)
             else:
                 state["row_accumulator"] = torch.zeros(shape[0], dtype=torch.float32, device=p.device)
                 state["col_accumulator"] = torch.zeros(shape[1], dtype=torch.float32, device=p.device)
             if group["momentum"] > 0:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                state["momentum_buffer"] = torch.zeros_like(target, dtype=torch.float32)
         state["step"] += 1
         if shape is None:
             nu = state["accumulator"].add_(grad * grad)
         else:
             nu = sm3_accumulate(state["row_accumulator"], state["col_accumulator"], r, c, grad.reshape(-1))
             nu = nu.view_as(grad)
-        update = grad / (nu.sqrt() + group["eps"])
+        update = local_part(grad / (nu.sqrt() + group["eps"]), p)
         if group["momentum"] > 0:
             buf = state["momentum_buffer"]
             buf.mul_(group["momentum"]).add_(update, alpha=1 - group["momentum"])
             update = buf
         if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update.to(p.dtype), alpha=-group["lr"])
+            target.mul_(1 - group["lr"] * group["weight_decay"])
+        target.add_(update.to(target.dtype), alpha=-group["lr"])

@@ -16,27 +16,33 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .distributed import check_engine
+from .registry import live_layers, optimizer_owners
+
 _installed = False
 
 
-def _owned_values(optimizer: torch.optim.Optimizer):
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            owner = getattr(param, "_peft_sparse_owner", None)
-            if owner is None:
-                continue
-            layer, adapter = owner[0](), owner[1]
-            if (
-                layer is not None
-                and layer.sparse_values.get(adapter) is param
-                and hasattr(layer, "after_optimizer_step")
-            ):
-                yield layer, adapter
+def _owned_values(optimizer: torch.optim.Optimizer) -> list[tuple[Any, str]]:
+    # found by identity among the live layers, so FSDP2's replacement parameters are found too
+    return [(layer, adapter) for layer, adapter in optimizer_owners(optimizer) if hasattr(layer, "after_optimizer_step")]
 
 
 def after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
-    """Tell every sparse layer whose values ``optimizer`` updated that an update happened."""
-    for layer, adapter in list(_owned_values(optimizer)):
+    """Tell every sparse layer whose values ``optimizer`` updated that an update happened.
+
+    If ``optimizer`` holds none, but SpIEL values that got a gradient sit with an engine that hides them from the
+    optimizer (FSDP1, DeepSpeed ZeRO), raise instead of training a fixed mask silently.
+    """
+    owned = _owned_values(optimizer)
+    if not owned:
+        waiting = [
+            (layer, adapter)
+            for layer in live_layers()
+            if hasattr(layer, "after_optimizer_step")
+            for adapter in getattr(layer, "_awaiting_update", ())
+        ]
+        check_engine(optimizer, waiting)
+    for layer, adapter in owned:
         layer.after_optimizer_step(adapter, optimizer)
 
 

@@ -10,7 +10,6 @@ the method's prefix (``spiel_values``, ...) and reached through ``sparse_values`
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Any, Iterator, Optional
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..delta import check_delta, index_dtype_for, to_dense
 from ..sparse_linear import GradientObserver, sparse_delta_linear
+from ..training.registry import register_layer
 from .base_weight import base_weight_for
 
 try:
@@ -64,6 +64,9 @@ class SparseDeltaLayer(BaseTunerLayer):
         rows, cols = self.weight_shape
         self.in_features, self.out_features = (rows, cols) if self.transposed else (cols, rows)
         self.kwargs = kwargs
+        # adapters whose values took part in a forward with gradients since their last counted optimizer update
+        self._awaiting_update: set[str] = set()
+        register_layer(self)
 
     supported_types = "torch.nn.Linear and transformers' Conv1D"
 
@@ -201,7 +204,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         if not deltas:
             return self.base_layer(x, *args, **kwargs)
         for adapter, _, values in deltas:
-            self._tag_owner(adapter, values)
+            self._note_forward(adapter, values)
         if len(deltas) == 1:
             indices, values = deltas[0][1], deltas[0][2]
         else:  # several active adapters: one delta with unique positions, overlapping values summed
@@ -214,11 +217,10 @@ class SparseDeltaLayer(BaseTunerLayer):
             self.gradient_observer(), backend,
         )
 
-    def _tag_owner(self, adapter: str, values: torch.Tensor) -> None:
-        # optimizer hooks find the layer of a values tensor through this tag (re-tagged after copies)
-        owner = getattr(values, "_peft_sparse_owner", None)
-        if owner is None or owner[0]() is not self or owner[1] != adapter:
-            values._peft_sparse_owner = (weakref.ref(self), adapter)
+    def _note_forward(self, adapter: str, values: torch.Tensor) -> None:
+        # optimizer hooks find layers through peft_sparse.training.registry; this only notes that an update is due
+        if values.requires_grad and torch.is_grad_enabled():
+            self._awaiting_update.add(adapter)
 
     # ----------------------------------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

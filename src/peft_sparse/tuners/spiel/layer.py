@@ -12,12 +12,11 @@ import zlib
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ...delta import check_delta, index_dtype_for
 from ...kernels import sddmm
-from ...optim import reseed_optimizer_state, sm3_accumulate
+from ...optim import sm3_accumulate
 from ...selection import (
     grow_by_accumulated_gradient,
     grow_by_momentum_approximation,
@@ -28,6 +27,7 @@ from ...selection import (
     reselection_count,
 )
 from ...sparse_linear import GradientObserver
+from ...training import distributed
 from ..sparse_layer import DTYPES, SparseDeltaLayer
 
 TRAINING_STATE = (
@@ -153,7 +153,7 @@ class SpIELLayer(SparseDeltaLayer):
         # later ones only gather the gradient at the candidates.
         candidates = self.spiel_candidates[adapter]
         if candidates.numel() == 0:
-            dense = a.float().t() @ b.float()
+            dense = distributed.average_across_ranks(a.float().t() @ b.float())  # the same candidates on every rank
             budget = self.sparse_values[adapter].numel()
             top = torch.topk(dense.view(-1).abs(), budget, sorted=False).indices
             candidates = top.to(self.spiel_candidates[adapter].dtype)
@@ -175,6 +175,7 @@ class SpIELLayer(SparseDeltaLayer):
         """Account for one optimizer update of ``adapter_name``'s values: statistics, then reselection if due."""
         config = self.sparse_config[adapter_name]
         values = self.sparse_values[adapter_name]
+        self._awaiting_update.discard(adapter_name)
         step = self.current_step(adapter_name) + 1
         self.spiel_step[adapter_name].fill_(step)
         self._step_cache[adapter_name] = step
@@ -186,10 +187,11 @@ class SpIELLayer(SparseDeltaLayer):
                 self.spiel_col_stats[adapter_name],
                 idx // cols,
                 idx % cols,
-                values.grad,
+                distributed.full_tensor(values.grad),  # averaged over ranks by DDP/FSDP2
             )
         pending = self._pending.pop(adapter_name, None)
         if pending is not None:
+            distributed.average_across_ranks(pending)
             self.spiel_candidate_grad[adapter_name] += pending
             self.spiel_candidate_sq[adapter_name] += pending * pending
         if is_reselection_step(step, config.reselection_steps, config.total_steps):
@@ -202,7 +204,8 @@ class SpIELLayer(SparseDeltaLayer):
         Regrown slots get value 0 and re-seeded optimizer state (AG: the estimated moments).
         """
         config = self.sparse_config[adapter_name]
-        values, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
+        param, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
+        values = distributed.full_tensor(param)  # the plan needs all values; under FSDP2 only a slice is local
         k = reselection_count(
             step,
             values.numel(),
@@ -237,28 +240,16 @@ class SpIELLayer(SparseDeltaLayer):
                 return grow_random(numel, excluded, n, generator)
 
         slots, new_positions, chosen = replace_entries(indices, values, k, grow, positions_of)
+        if optimizer is not None:  # during training every rank reselects: all apply rank 0's plan
+            slots, new_positions, chosen = distributed.agree_on_plan(slots, new_positions, chosen)
         indices[slots] = new_positions.to(indices.dtype)
-        values[slots] = 0
-        if optimizer is not None:
-            if mean is not None:
-                reseed_optimizer_state(optimizer, values, slots, mean[chosen], mean_sq[chosen])
-            else:
-                reseed_optimizer_state(optimizer, values, slots)
-            self._sync_across_processes(adapter_name, optimizer)
+        if mean is not None:
+            distributed.write_regrown(optimizer, param, slots, mean[chosen], mean_sq[chosen])
+        else:
+            distributed.write_regrown(optimizer, param, slots)
         if config.selection == "ag":
             self._clear_candidates(adapter_name)
         return int(slots.numel())
-
-    def _sync_across_processes(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
-        # Growth statistics are per process; rank 0's choice is made everyone's so indices never diverge.
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        values = self.sparse_values[adapter_name]
-        tensors = [self.sparse_indices[adapter_name], values.data]
-        state = optimizer.state.get(values, {})
-        tensors += [t for t in state.values() if torch.is_tensor(t) and t.shape == values.shape]
-        for tensor in tensors:
-            dist.broadcast(tensor, src=0)
 
 
 class SpIELLinear(nn.Module, SpIELLayer):

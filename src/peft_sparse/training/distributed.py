@@ -1,0 +1,218 @@
+"""Keeping every rank's sparse deltas identical under data parallelism (DDP) and sharding (FSDP2).
+
+The indices and the training-state buffers of a sparse layer are replicated: every rank holds all of them and must
+change them identically. The values are replicated under DDP and sharded under FSDP2 (``fully_shard`` turns each
+into a ``DTensor`` of which every rank keeps one contiguous slice, ``Shard(0)``); so is the optimizer's per-entry
+state. The layer therefore:
+
+- plans a reselection on the full values (gathered once per reselection under FSDP2), with growth statistics that
+  are the same on every rank (SpIEL-MA: from the averaged gradient; SpIEL-AG: candidates picked from the dense
+  gradient averaged over ranks, candidate gradients averaged over ranks, which is what one process would compute on
+  the concatenated batches);
+- takes rank 0's plan (slots, new positions) so that indices can never diverge;
+- writes only the local slice of the values and of the per-entry optimizer state.
+
+All ranks of the default process group are taken to be data-parallel replicas. Engines that flatten parameters into
+buffers the layer cannot see (FSDP1, DeepSpeed ZeRO) are refused at the first optimizer step by
+:func:`check_engine`, never trained silently with a fixed mask.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch < 2.4 has no public DTensor
+    DTensor, Shard = (), ()
+
+
+def world_size() -> int:
+    """Number of processes of the default process group (1 when torch.distributed is not initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Replace ``tensor`` in place by its mean over all ranks (no-op with one process); returns it.
+
+    Every rank must call this for the same tensors in the same order.
+    """
+    world = world_size()
+    if world > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(world)
+    return tensor
+
+
+def is_sharded(tensor: Optional[torch.Tensor]) -> bool:
+    """True if ``tensor`` is a DTensor split across ranks (FSDP2's sharded parameters, gradients and state)."""
+    return isinstance(tensor, DTensor) and any(isinstance(p, Shard) for p in tensor.placements)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of ``tensor``: all-gathered for a DTensor (a collective), ``tensor`` itself otherwise."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor`` (writes to it change ``tensor``); ``tensor`` itself when not a DTensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """``(start, length)`` along dim 0 of this rank's slice of ``tensor`` (the whole of a plain tensor).
+
+    Raises ValueError for a DTensor sharded along another dimension than 0 (FSDP2 shards dim 0 unless told
+    otherwise with ``shard_placement_fn``).
+    """
+    if not isinstance(tensor, DTensor):
+        return 0, tensor.shape[0] if tensor.dim() else 1
+    for placement in tensor.placements:
+        if isinstance(placement, Shard) and placement.dim != 0:
+            raise ValueError(
+                f"sparse-delta values must be sharded along dim 0, got placements {tuple(tensor.placements)}"
+            )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return int(offset[0]), int(shape[0])
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The slice of ``full`` (a whole tensor of ``like``'s global shape) that this rank holds of ``like``."""
+    start, length = local_range(like)
+    return full.narrow(0, start, length) if isinstance(like, DTensor) else full
+
+
+def agree_on_plan(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    """Make rank 0's ``tensors`` (a reselection plan: slots, positions, ...) every rank's; returns them.
+
+    Every rank computes the plan from identical data, so this only guards against rounding that differs between
+    ranks; its cost is a few broadcasts of ``k`` numbers per reselection. ``None`` entries are passed through.
+    """
+    if world_size() <= 1:
+        return tensors
+    out = []
+    for tensor in tensors:
+        if tensor is None:
+            out.append(None)
+            continue
+        size = torch.tensor([tensor.numel()], dtype=torch.int64, device=tensor.device)
+        dist.broadcast(size, src=0)
+        if int(size) != tensor.numel():
+            tensor = tensor.new_empty(int(size))
+        tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=0)
+        out.append(tensor)
+    return tuple(out)
+
+
+def _local_view_of_optimizer(optimizer: torch.optim.Optimizer, param: torch.Tensor, local: torch.Tensor):
+    # An object of the optimizer's own class whose only parameter is the local slice of ``param`` and whose state
+    # is the local slices of ``param``'s state, so the per-entry re-seeding code runs unchanged on shards.
+    view = object.__new__(type(optimizer))
+    state = {key: local_tensor(value) for key, value in optimizer.state.get(param, {}).items()}
+    view.state = {local: state} if state else {}
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    view.param_groups = [dict(group, params=[local])] if group is not None else []
+    return view
+
+
+@torch.no_grad()
+def write_regrown(
+    optimizer: Optional[torch.optim.Optimizer],
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    first_moment: Optional[torch.Tensor] = None,
+    second_moment: Optional[torch.Tensor] = None,
+) -> None:
+    """Zero ``values`` at global ``slots`` and re-seed the optimizer's per-entry state there, on this rank's slice.
+
+    ``first_moment``/``second_moment`` (one number per slot, or None) are the growth estimates that the re-seeding
+    turns into Adam moments (see ``peft_sparse.optim.reseed_optimizer_state``).
+    """
+    from ..optim import reseed_optimizer_state
+
+    if not isinstance(values, DTensor):
+        values[slots] = 0
+        if optimizer is not None:
+            reseed_optimizer_state(optimizer, values, slots, first_moment, second_moment)
+        return
+    start, length = local_range(values)
+    mine = (slots >= start) & (slots < start + length)
+    local_slots = slots[mine] - start
+    local = values.to_local()
+    local[local_slots] = 0
+    if optimizer is None:
+        return
+    if first_moment is not None:
+        first_moment, second_moment = first_moment[mine], second_moment[mine]
+    view = _local_view_of_optimizer(optimizer, values, local)
+    reseed_optimizer_state(view, local, local_slots, first_moment, second_moment)
+
+
+def _engine_holding(layers: list[tuple[Any, str]]) -> Optional[str]:
+    # Name of an engine that keeps sparse values where the optimizer hook cannot see them, or None.
+    for layer, adapter in layers:
+        values = layer.sparse_values.get(adapter)
+        if values is None:
+            continue
+        if getattr(values, "_fsdp_flattened", False) or values.numel() != layer.sparse_indices[adapter].numel():
+            return "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel)"
+        if hasattr(values, "ds_id") or hasattr(values, "ds_status"):
+            return "DeepSpeed ZeRO-3"
+    return None
+
+
+def check_engine(optimizer: torch.optim.Optimizer, trained: list[tuple[Any, str]]) -> None:
+    """Raise RuntimeError if ``optimizer`` stepped for sparse deltas held by an engine SpIEL cannot drive.
+
+    ``trained`` are the ``(layer, adapter)`` pairs whose values got a gradient since their last counted update
+    and that no optimizer step has found. Called by the optimizer hook when ``optimizer`` holds none of them.
+    """
+    if not trained:
+        return
+    engine = _engine_holding(trained)
+    if engine is None and "deepspeed" in sys.modules and _is_deepspeed_optimizer(optimizer):
+        engine = "DeepSpeed ZeRO"
+    if engine is None:
+        return
+    names = sorted({adapter for _, adapter in trained})
+    raise RuntimeError(
+        f"peft_sparse: SpIEL adapter(s) {names} are trained under {engine}, which hands the optimizer flat buffers "
+        "instead of the sparse-delta values, so reselection could never run (the mask would silently stay the "
+        "initial random one). Use FSDP2 (torch.distributed.fsdp.fully_shard, accelerate/Trainer with "
+        "fsdp_version=2) or DDP instead; see the 'Distributed training' documentation."
+    )
+
+
+def _is_deepspeed_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    # DeepSpeed's ZeRO optimizers step a torch optimizer whose parameters are flat fp32 partitions; the partitions
+    # carry no module of ours, so recognise the run by the ZeRO optimizer that wraps this one.
+    for obj in _deepspeed_zero_optimizers():
+        if getattr(obj, "optimizer", None) is optimizer:
+            return True
+    return False
+
+
+def _deepspeed_zero_optimizers() -> list[Any]:
+    classes = []
+    for module_name, class_name in (
+        ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"),
+        ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"),
+    ):
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if cls is not None:
+            classes.append(cls)
+    if not classes:
+        return []
+    import gc
+
+    return [obj for obj in gc.get_objects() if isinstance(obj, tuple(classes))]
