@@ -24,7 +24,7 @@ _installed = False
 
 def _owned_values(optimizer: torch.optim.Optimizer) -> list[tuple[Any, str]]:
     # found by identity among the live layers, so FSDP2's replacement parameters are found too
-    return [(layer, adapter) for layer, adapter in optimizer_owners(optimizer) if hasattr(layer, "after_optimizer_step")]
+    return [owner for owner in optimizer_owners(optimizer) if hasattr(owner[0], "after_optimizer_step")]
 
 
 def after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
