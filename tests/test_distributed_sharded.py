@@ -66,8 +66,28 @@ def _snapshot(model) -> dict:
     return out
 
 
+def _accelerate_fsdp2():
+    # accelerate turns FSDP on only for GPU-like devices; on CPU (MULTI_CPU) we switch its shared state to FSDP
+    # with an FSDP2 plugin, after which prepare() really calls fully_shard (the values become DTensors).
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(cpu=True)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+        state_dict_type="FULL_STATE_DICT",
+    )
+    assert accelerator.is_fsdp2
+    return accelerator
+
+
 def train(selection: str, engine: str, rank: int = 0, world: int = 1, save_dir: str | None = None) -> dict:
-    """Train a tiny SpIEL model for UPDATES updates; ``engine`` is "single", "ddp" or "fsdp2"."""
+    """Train a tiny SpIEL model for UPDATES updates; ``engine`` is "single", "ddp", "fsdp2" or "accelerate"."""
     model = get_peft_model(tiny_llama(), _config(selection))
     model.train()
     forward = model
@@ -81,6 +101,12 @@ def train(selection: str, engine: str, rank: int = 0, world: int = 1, save_dir: 
         fully_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = SM3(params, lr=0.05) if selection == "ma" else torch.optim.AdamW(params, lr=0.05)
+    if engine == "accelerate":
+        accelerator = _accelerate_fsdp2()
+        forward, optimizer = accelerator.prepare(model, optimizer)
+        assert isinstance(
+            spiel_layers(model)["base_model.model.model.layers.0.self_attn.q_proj"].sparse_values["default"], DTensor
+        ), "accelerate did not shard the model"
     rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
     history, losses = [], []
     for update in range(UPDATES):
@@ -97,7 +123,9 @@ def train(selection: str, engine: str, rank: int = 0, world: int = 1, save_dir: 
     with torch.no_grad():
         result["logits"] = forward(input_ids=_probe()).logits.clone()
     if save_dir is not None:
-        if engine == "fsdp2":
+        if engine == "accelerate":
+            state = accelerator.get_state_dict(forward)  # gathered; full tensors on rank 0
+        elif engine == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             # a collective: every rank takes part; the full (unsharded) tensors land on CPU
@@ -118,6 +146,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             for selection in SELECTIONS:
                 save_dir = os.path.join(out_dir, f"{engine}-{selection}")
                 results[engine, selection] = train(selection, engine, rank, WORLD, save_dir)
+        # last: it switches the process's accelerate state to FSDP
+        results["accelerate", "ag"] = train("ag", "accelerate", rank, WORLD, os.path.join(out_dir, "accelerate-ag"))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -154,8 +184,10 @@ def test_single_process_reference_reselects_on_schedule(runs, selection):
     assert _changed_after(single[selection]["history"], initial) == scheduled
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("selection", SELECTIONS)
+RUNS = [(engine, selection) for engine in ENGINES for selection in SELECTIONS] + [("accelerate", "ag")]
+
+
+@pytest.mark.parametrize("engine,selection", RUNS)
 def test_ranks_agree_and_equal_one_process_on_all_data(runs, engine, selection):
     _, ranks, single = runs
     reference = single[selection]
@@ -171,8 +203,7 @@ def test_ranks_agree_and_equal_one_process_on_all_data(runs, engine, selection):
         assert torch.equal(value, ranks[1][engine, selection]["final"][name]), name
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("engine,selection", RUNS)
 def test_saved_adapter_reloads_unsharded(runs, engine, selection):
     out, ranks, _ = runs
     model = PeftModel.from_pretrained(tiny_llama(), str(out / f"{engine}-{selection}")).eval()

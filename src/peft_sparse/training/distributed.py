@@ -19,7 +19,9 @@ buffers the layer cannot see (FSDP1, DeepSpeed ZeRO) are refused at the first op
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -158,61 +160,68 @@ def write_regrown(
 
 
 def _engine_holding(layers: list[tuple[Any, str]]) -> Optional[str]:
-    # Name of an engine that keeps sparse values where the optimizer hook cannot see them, or None.
+    # Name of an engine that keeps sparse values where SpIEL cannot follow them, or None.
     for layer, adapter in layers:
         values = layer.sparse_values.get(adapter)
         if values is None:
             continue
-        if getattr(values, "_fsdp_flattened", False) or values.numel() != layer.sparse_indices[adapter].numel():
-            return "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel)"
-        if hasattr(values, "ds_id") or hasattr(values, "ds_status"):
+        if hasattr(values, "ds_id"):
             return "DeepSpeed ZeRO-3"
+        if getattr(values, "_fsdp_flattened", False):
+            return "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel)"
+        if values.numel() != layer.sparse_indices[adapter].numel():
+            return f"an engine that resized the values to {values.numel()} entries on this rank"
     return None
 
 
-def check_engine(optimizer: torch.optim.Optimizer, trained: list[tuple[Any, str]]) -> None:
-    """Raise RuntimeError if ``optimizer`` stepped for sparse deltas held by an engine SpIEL cannot drive.
+_not_deepspeed: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
-    ``trained`` are the ``(layer, adapter)`` pairs whose values got a gradient since their last counted update
-    and that no optimizer step has found. Called by the optimizer hook when ``optimizer`` holds none of them.
+
+def check_engine(
+    optimizer: torch.optim.Optimizer, owned: list[tuple[Any, str]], waiting: list[tuple[Any, str]]
+) -> None:
+    """Raise RuntimeError if ``optimizer`` steps sparse deltas held by an engine SpIEL cannot drive.
+
+    ``owned`` are the ``(layer, adapter)`` pairs whose values ``optimizer`` holds; ``waiting`` those whose values
+    took part in a forward with gradients since their last counted update (looked at only when ``owned`` is
+    empty: a DeepSpeed ZeRO optimizer steps flat partitions in which no values can be found). Called by the
+    optimizer hook after every step, so an unsupported engine fails at its first update instead of training the
+    initial random mask silently.
     """
-    if not trained:
-        return
-    engine = _engine_holding(trained)
-    if engine is None and "deepspeed" in sys.modules and _is_deepspeed_optimizer(optimizer):
-        engine = "DeepSpeed ZeRO"
+    engine = _engine_holding(owned)
+    if engine is None and not owned and waiting:
+        if _is_deepspeed_optimizer(optimizer):
+            zero3 = any(hasattr(layer.sparse_values.get(adapter), "ds_id") for layer, adapter in waiting)
+            engine = "DeepSpeed ZeRO-3" if zero3 else "DeepSpeed ZeRO-1/2"
+        else:
+            engine = _engine_holding(waiting)
     if engine is None:
         return
-    names = sorted({adapter for _, adapter in trained})
+    names = sorted({adapter for _, adapter in owned or waiting})
     raise RuntimeError(
-        f"peft_sparse: SpIEL adapter(s) {names} are trained under {engine}, which hands the optimizer flat buffers "
-        "instead of the sparse-delta values, so reselection could never run (the mask would silently stay the "
-        "initial random one). Use FSDP2 (torch.distributed.fsdp.fully_shard, accelerate/Trainer with "
+        f"peft_sparse: SpIEL adapter(s) {names} are trained under {engine}, which does not hand the optimizer the "
+        "sparse-delta values as whole tensors, so reselection cannot run (the mask would silently stay the initial "
+        "random one). Use FSDP2 (torch.distributed.fsdp.fully_shard; accelerate or the Trainer with "
         "fsdp_version=2) or DDP instead; see the 'Distributed training' documentation."
     )
 
 
 def _is_deepspeed_optimizer(optimizer: torch.optim.Optimizer) -> bool:
-    # DeepSpeed's ZeRO optimizers step a torch optimizer whose parameters are flat fp32 partitions; the partitions
-    # carry no module of ours, so recognise the run by the ZeRO optimizer that wraps this one.
-    for obj in _deepspeed_zero_optimizers():
-        if getattr(obj, "optimizer", None) is optimizer:
-            return True
-    return False
-
-
-def _deepspeed_zero_optimizers() -> list[Any]:
+    # DeepSpeed's ZeRO optimizers step a torch optimizer whose parameters are flat fp32 partitions that belong to
+    # no module; recognise the run by the ZeRO optimizer that wraps this one (searched once per optimizer).
+    if "deepspeed" not in sys.modules or optimizer in _not_deepspeed:
+        return False
     classes = []
     for module_name, class_name in (
         ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"),
         ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"),
     ):
-        module = sys.modules.get(module_name)
-        cls = getattr(module, class_name, None) if module is not None else None
+        cls = getattr(sys.modules.get(module_name), class_name, None)
         if cls is not None:
             classes.append(cls)
-    if not classes:
-        return []
-    import gc
-
-    return [obj for obj in gc.get_objects() if isinstance(obj, tuple(classes))]
+    if classes and any(
+        isinstance(obj, tuple(classes)) and getattr(obj, "optimizer", None) is optimizer for obj in gc.get_objects()
+    ):
+        return True
+    _not_deepspeed.add(optimizer)
+    return False

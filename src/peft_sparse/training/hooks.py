@@ -30,18 +30,16 @@ def _owned_values(optimizer: torch.optim.Optimizer) -> list[tuple[Any, str]]:
 def after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
     """Tell every sparse layer whose values ``optimizer`` updated that an update happened.
 
-    If ``optimizer`` holds none, but SpIEL values that got a gradient sit with an engine that hides them from the
-    optimizer (FSDP1, DeepSpeed ZeRO), raise instead of training a fixed mask silently.
+    If the values sit with an engine SpIEL cannot follow (FSDP1, DeepSpeed ZeRO), raise instead of training a fixed
+    mask silently.
     """
     owned = _owned_values(optimizer)
+    waiting = []
     if not owned:
-        waiting = [
-            (layer, adapter)
-            for layer in live_layers()
-            if hasattr(layer, "after_optimizer_step")
-            for adapter in getattr(layer, "_awaiting_update", ())
-        ]
-        check_engine(optimizer, waiting)
+        for layer in live_layers():
+            if hasattr(layer, "after_optimizer_step"):
+                waiting += [(layer, adapter) for adapter in getattr(layer, "_awaiting_update", ())]
+    check_engine(optimizer, owned, waiting)
     for layer, adapter in owned:
         layer.after_optimizer_step(adapter, optimizer)
 
