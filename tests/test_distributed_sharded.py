@@ -93,6 +93,8 @@ def train(selection: str, engine: str, rank: int = 0, world: int = 1, save_dir: 
     forward = model
     if engine == "ddp":
         forward = torch.nn.parallel.DistributedDataParallel(model)
+        broadcast = [name for name in forward.named_module_buffers if "spiel_" in name]
+        assert not broadcast, f"DDP broadcasts sparse buffers each forward: {broadcast}"
     elif engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..delta import combine
 from ..selection import allocate_budgets
+from ..training.distributed import skip_ddp_buffer_broadcast
 from .bnb import dequantize_layer
 from .sparse_layer import SparseDeltaLayer
 
@@ -58,6 +59,7 @@ class SparseTunerModel(BaseTuner):
         )
         for layer, budget in zip(layers, budgets):
             layer.init_delta(adapter_name, budget)
+        skip_ddp_buffer_broadcast(model)  # ranks keep the sparse buffers identical themselves
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # The values already have the config's delta_dtype; PEFT's default upcast of bf16/fp16 to float32 would
