@@ -54,7 +54,11 @@ class SparseTunerModel(BaseTuner):
         config = self.peft_config[adapter_name]
         layers = [m for _, m in _sparse_layers(model) if adapter_name in m.sparse_config]
         budgets = allocate_budgets(
-            [m.weight_shape for m in layers], config.density, config.num_tunable_weights, config.match_lora_rank
+            [m.weight_shape for m in layers],
+            config.density,
+            config.num_tunable_weights,
+            config.match_lora_rank,
+            getattr(config, "budget_allocation", "equal_density"),
         )
         for layer, budget in zip(layers, budgets):
             layer.init_delta(adapter_name, budget)

@@ -9,9 +9,11 @@ from peft.config import PeftConfig
 
 from ..._registration import ensure_peft_type
 from ...selection import SCHEDULES
+from ...selection.budget import BUDGET_ALLOCATIONS
 from ..config_checks import check_common_fields
 
 SELECTIONS = ("ag", "ma", "random")
+DROP_CRITERIA = ("magnitude", "change_since_reselection")
 
 
 @dataclass
@@ -19,8 +21,11 @@ class SpIELConfig(PeftConfig):
     """Configuration of a SpIEL (Sparse Iterative Efficient Learning) adapter.
 
     Budget: set exactly one of ``density``, ``num_tunable_weights`` or ``match_lora_rank``; with none set,
-    ``density=0.01``. Every S = ``reselection_steps`` optimizer updates the entries that changed least are dropped and
-    as many new ones are grown, by accumulated gradients ("ag"), SM3 row/column statistics ("ma") or at random.
+    ``density=0.01``; the budget is spread at equal density over the targets (thesis §7.3.1, footnote 2). After
+    optimizer updates gamma, S + gamma, 2S + gamma, ... (gamma = ``accumulation_steps``, S = ``reselection_steps``;
+    thesis eq. 7.6) the entries that changed least are dropped and as many new ones are grown, by accumulated
+    gradients ("ag"), SM3 row/column statistics ("ma") or at random; the first reselection replaces every entry.
+    With torch Adam/AdamW each entry's bias correction uses its own age (see ``peft_sparse.optim.age``).
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -53,17 +58,48 @@ class SpIELConfig(PeftConfig):
     )
     match_lora_rank: Optional[int] = field(
         default=None,
-        metadata={"help": "Give each target r * (in + out) entries: the parameter count of LoRA at rank r."},
+        metadata={
+            "help": "The total parameter count of LoRA at rank r on the same targets (sum of r * (in + out)), "
+            "spread at equal density (see budget_allocation)."
+        },
+    )
+    budget_allocation: str = field(
+        default="equal_density",
+        metadata={
+            "help": "How match_lora_rank is spread: 'equal_density' (the same fraction of every target, thesis "
+            "§7.3.1 footnote 2) or 'lora_per_tensor' (each target gets LoRA's own r * (in + out))."
+        },
     )
     selection: str = field(default="ag", metadata={"help": "Growth criterion: 'ag', 'ma' or 'random'."})
     reselection_steps: int = field(default=20, metadata={"help": "S: optimizer updates between reselections."})
     accumulation_steps: int = field(
-        default=5, metadata={"help": "gamma: updates of gradient estimation before each reselection (AG)."}
+        default=5,
+        metadata={
+            "help": "gamma: the first reselection follows update gamma, later ones every reselection_steps updates "
+            "after it (every selection). For 'ag' also the updates of gradient estimation ending at each "
+            "reselection, so at most reselection_steps; for 'ma' and 'random' any positive integer."
+        },
     )
     initial_reselection_rate: float = field(
         default=0.2, metadata={"help": "xi: fraction of entries replaced at the second reselection, then decayed."}
     )
     reselection_schedule: str = field(default="linear", metadata={"help": "Decay of xi: 'linear' or 'cosine'."})
+    drop_criterion: str = field(
+        default="magnitude",
+        metadata={
+            "help": "Which entries are dropped: 'magnitude' (smallest |delta|, the change from the pre-trained "
+            "weight; thesis §7.3.1 and the reference code) or 'change_since_reselection' (smallest change since the "
+            "last reselection, thesis Algorithm 2 line 10)."
+        },
+    )
+    regrow_dropped: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Whether a position dropped at a reselection may be grown again in the same reselection (it then "
+            "keeps its slot, value and optimizer state). None: as the reference code does, True for 'ag' and False "
+            "for 'ma'; False for 'random'."
+        },
+    )
     total_steps: Optional[int] = field(
         default=None,
         metadata={
@@ -102,9 +138,22 @@ class SpIELConfig(PeftConfig):
             )
         if not 0.0 <= self.initial_reselection_rate <= 1.0:
             raise ValueError(f"initial_reselection_rate must be in [0, 1], got {self.initial_reselection_rate}")
+        if self.budget_allocation not in BUDGET_ALLOCATIONS:
+            raise ValueError(f"budget_allocation must be one of {BUDGET_ALLOCATIONS}, got {self.budget_allocation!r}")
+        if self.drop_criterion not in DROP_CRITERIA:
+            raise ValueError(f"drop_criterion must be one of {DROP_CRITERIA}, got {self.drop_criterion!r}")
+        if self.regrow_dropped not in (None, True, False):
+            raise ValueError(f"regrow_dropped must be True, False or None, got {self.regrow_dropped!r}")
         if self.reselection_schedule not in SCHEDULES:
             raise ValueError(f"reselection_schedule must be one of {SCHEDULES}, got {self.reselection_schedule!r}")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer or None, got {self.total_steps!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def excludes_dropped_from_growth(self) -> bool:
+        """True if growth may not pick a position dropped in the same reselection (see ``regrow_dropped``)."""
+        if self.regrow_dropped is None:
+            return self.selection != "ag"
+        return not self.regrow_dropped

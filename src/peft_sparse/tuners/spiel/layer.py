@@ -1,9 +1,13 @@
-"""The SpIEL layer: a sparse delta whose positions are dropped and regrown during training (SPEC section 1).
+"""The SpIEL layer: a sparse delta whose positions are dropped and regrown during training (thesis §7.3).
 
 Training state per adapter, saved with the adapter so that a resumed run equals the uninterrupted one:
-``spiel_step`` (optimizer updates seen), ``spiel_row_stats``/``spiel_col_stats`` (SpIEL-MA, float32, ``rows`` and
-``cols`` numbers) and ``spiel_candidates``/``spiel_candidate_grad``/``spiel_candidate_sq`` (SpIEL-AG growth
-candidates and their float32 gradient sums during an estimation phase; empty otherwise).
+``spiel_step`` (optimizer updates seen), ``spiel_age`` (int32, one per entry: the updates since it was grown,
+counting the estimation phase that seeded its Adam moments; Adam's bias correction uses it),
+``spiel_row_stats``/``spiel_col_stats`` (SpIEL-MA, float32, ``rows`` and ``cols`` numbers),
+``spiel_candidates``/``spiel_candidate_grad``/``spiel_candidate_sq`` (SpIEL-AG growth candidates and their float32
+gradient sums during an estimation phase; empty otherwise) and ``spiel_anchor`` (the values right after the last
+reselection, float32, only with ``drop_criterion="change_since_reselection"``; empty otherwise). An adapter saved
+without ``spiel_age`` (an earlier version) loads with every age set to its ``spiel_step``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 
 from ...delta import check_delta, index_dtype_for
 from ...kernels import sddmm
-from ...optim import reseed_optimizer_state, sm3_accumulate
+from ...optim import correct_adam_step_for_age, reseed_optimizer_state, sm3_accumulate
 from ...selection import (
     grow_by_accumulated_gradient,
     grow_by_momentum_approximation,
@@ -37,6 +41,8 @@ TRAINING_STATE = (
     "spiel_candidates",
     "spiel_candidate_grad",
     "spiel_candidate_sq",
+    "spiel_age",
+    "spiel_anchor",
 )
 
 
@@ -67,10 +73,27 @@ class SpIELLayer(SparseDeltaLayer):
         f32 = dict(dtype=torch.float32, device=device)
         self.spiel_step[adapter_name] = torch.zeros((), dtype=torch.int64, device=device)
         self._step_cache[adapter_name] = 0
+        self._reset_entry_state(adapter_name, age=0)
         ma = config.selection == "ma"
         self.spiel_row_stats[adapter_name] = torch.zeros(rows if ma else 0, **f32)
         self.spiel_col_stats[adapter_name] = torch.zeros(cols if ma else 0, **f32)
         self._clear_candidates(adapter_name)
+
+    def _reset_entry_state(self, adapter_name: str, age: int) -> None:
+        # per-entry state for the current values: every age set to ``age``, the anchor to the values
+        values = self.sparse_values[adapter_name]
+        self.spiel_age[adapter_name] = torch.full((values.numel(),), age, dtype=torch.int32, device=values.device)
+        track = self.sparse_config[adapter_name].drop_criterion == "change_since_reselection"
+        anchor = values.detach().float().clone() if track else torch.zeros(0, device=values.device)
+        self.spiel_anchor[adapter_name] = anchor
+
+    def set_delta(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Install ``(indices, values)``; per-entry state of a changed size restarts (age = the update count)."""
+        super().set_delta(adapter_name, indices, values)
+        age = self.spiel_age[adapter_name] if adapter_name in self.spiel_age else None
+        if age is None or age.numel() != self.sparse_values[adapter_name].numel():
+            step = int(self.spiel_step[adapter_name]) if adapter_name in self.spiel_step else 0
+            self._reset_entry_state(adapter_name, age=step)
 
     def _clear_candidates(self, adapter_name: str) -> None:
         device = self.weight_device
@@ -89,6 +112,7 @@ class SpIELLayer(SparseDeltaLayer):
         else:  # a non-zero delta, for tests
             values = torch.randn(indices.numel(), generator=generator) * 0.1
         self.set_delta(adapter_name, indices, values.to(DTYPES[config.delta_dtype]))
+        self._reset_entry_state(adapter_name, age=self.current_step(adapter_name))
 
     def _generator(self, adapter_name: str, step: int) -> torch.Generator:
         seed = self.sparse_config[adapter_name].seed
@@ -108,6 +132,11 @@ class SpIELLayer(SparseDeltaLayer):
         for role, allowed in (("row_stats", (0, rows)), ("col_stats", (0, cols))):
             if role in tensors and tensors[role].numel() not in allowed:
                 raise ValueError(f"{where}: {role} has {tensors[role].numel()} entries, expected 0 or {allowed[1]}")
+        k = tensors["values"].numel()
+        if "age" in tensors and tensors["age"].numel() != k:
+            raise ValueError(f"{where}: age has {tensors['age'].numel()} entries, expected {k} (one per value)")
+        if "anchor" in tensors and tensors["anchor"].numel() not in (0, k):
+            raise ValueError(f"{where}: anchor has {tensors['anchor'].numel()} entries, expected 0 or {k}")
         roles = ("candidates", "candidate_grad", "candidate_sq")
         sizes = {tensors[r].numel() for r in roles if r in tensors}
         if len(sizes) > 1:
@@ -120,6 +149,17 @@ class SpIELLayer(SparseDeltaLayer):
         super().install_loaded(adapter_name, tensors)
         self._step_cache.pop(adapter_name, None)
         self._pending.pop(adapter_name, None)
+        values = self.sparse_values[adapter_name]
+        if "age" not in tensors:  # saved before per-entry ages existed: treat every entry as trained all along
+            self._reset_entry_state(adapter_name, age=self.current_step(adapter_name))
+        else:
+            self.spiel_age[adapter_name] = self.spiel_age[adapter_name].to(torch.int32)
+        track = self.sparse_config[adapter_name].drop_criterion == "change_since_reselection"
+        anchor = self.spiel_anchor[adapter_name]
+        if track and anchor.numel() != values.numel():  # not tracked when saved: measure from the pre-trained weight
+            self.spiel_anchor[adapter_name] = torch.zeros(values.numel(), device=values.device)
+        elif not track and anchor.numel():
+            self.spiel_anchor[adapter_name] = torch.zeros(0, device=values.device)
 
     # ----------------------------------------------------------------------------------------- estimation
     def _estimating_adapters(self) -> list[str]:
@@ -172,12 +212,18 @@ class SpIELLayer(SparseDeltaLayer):
     # ----------------------------------------------------------------------------------------- updates
     @torch.no_grad()
     def after_optimizer_step(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
-        """Account for one optimizer update of ``adapter_name``'s values: statistics, then reselection if due."""
+        """Account for one optimizer update of ``adapter_name``'s values.
+
+        First the update is bias-corrected by each entry's age (torch Adam/AdamW), then the statistics are updated,
+        then entries are reselected if due.
+        """
         config = self.sparse_config[adapter_name]
         values = self.sparse_values[adapter_name]
         step = self.current_step(adapter_name) + 1
         self.spiel_step[adapter_name].fill_(step)
         self._step_cache[adapter_name] = step
+        if values.grad is not None and values.numel():
+            self._age_entries(adapter_name, optimizer)
         if config.selection == "ma" and values.grad is not None and values.numel():
             idx = self.sparse_indices[adapter_name].long()
             cols = self.weight_shape[1]
@@ -192,14 +238,27 @@ class SpIELLayer(SparseDeltaLayer):
         if pending is not None:
             self.spiel_candidate_grad[adapter_name] += pending
             self.spiel_candidate_sq[adapter_name] += pending * pending
-        if is_reselection_step(step, config.reselection_steps, config.total_steps):
+        if is_reselection_step(step, config.reselection_steps, config.total_steps, config.accumulation_steps):
             self.reselect(adapter_name, optimizer, step)
+
+    def _age_entries(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
+        # An entry's age never exceeds the optimizer's own step count (a fresh optimizer after loading a trained
+        # adapter starts every entry's moments, and so its age, afresh).
+        age = self.spiel_age[adapter_name]
+        state = optimizer.state.get(self.sparse_values[adapter_name], {})
+        if "step" in state:
+            age.add_(1).clamp_(max=int(float(state["step"])))
+        else:
+            age.add_(1)
+        correct_adam_step_for_age(optimizer, self.sparse_values[adapter_name], age)
 
     @torch.no_grad()
     def reselect(self, adapter_name: str, optimizer: Optional[torch.optim.Optimizer], step: int) -> int:
         """Drop and regrow entries of ``adapter_name`` after update ``step``; returns how many slots changed.
 
-        Regrown slots get value 0 and re-seeded optimizer state (AG: the estimated moments).
+        Regrown slots get value 0, re-seeded optimizer state and an age: AG seeds Adam's moments with the gradient
+        estimates of its estimation phase and the entry's age is the number of updates in that phase (as in the
+        SpIEL reference code); otherwise the moments are zero and the age 0.
         """
         config = self.sparse_config[adapter_name]
         values, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
@@ -210,10 +269,12 @@ class SpIELLayer(SparseDeltaLayer):
             config.initial_reselection_rate,
             config.total_steps,
             config.reselection_schedule,
+            accumulation_steps=config.accumulation_steps,
         )
         numel = self.weight_numel
         positions_of = None
         mean = mean_sq = None
+        updates = 0
         if config.selection == "ag":
             candidates = self.spiel_candidates[adapter_name]
             updates = max(1, min(config.accumulation_steps, step))
@@ -236,12 +297,20 @@ class SpIELLayer(SparseDeltaLayer):
             def grow(excluded, n):
                 return grow_random(numel, excluded, n, generator)
 
-        slots, new_positions, chosen = replace_entries(indices, values, k, grow, positions_of)
+        anchor = self.spiel_anchor[adapter_name]
+        scores = values.detach().float() - anchor if anchor.numel() else values
+        slots, new_positions, chosen = replace_entries(
+            indices, scores, k, grow, positions_of, exclude_dropped=config.excludes_dropped_from_growth
+        )
         indices[slots] = new_positions.to(indices.dtype)
         values[slots] = 0
+        seeded = mean is not None and mean.numel() > 0
+        self.spiel_age[adapter_name][slots] = updates if seeded else 0
+        if anchor.numel():
+            anchor.copy_(values.detach().float())
         if optimizer is not None:
-            if mean is not None:
-                reseed_optimizer_state(optimizer, values, slots, mean[chosen], mean_sq[chosen])
+            if seeded:
+                reseed_optimizer_state(optimizer, values, slots, mean[chosen], mean_sq[chosen], age=updates)
             else:
                 reseed_optimizer_state(optimizer, values, slots)
             self._sync_across_processes(adapter_name, optimizer)
@@ -254,7 +323,9 @@ class SpIELLayer(SparseDeltaLayer):
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         values = self.sparse_values[adapter_name]
-        tensors = [self.sparse_indices[adapter_name], values.data]
+        tensors = [self.sparse_indices[adapter_name], values.data, self.spiel_age[adapter_name]]
+        if self.spiel_anchor[adapter_name].numel():
+            tensors.append(self.spiel_anchor[adapter_name])
         state = optimizer.state.get(values, {})
         tensors += [t for t in state.values() if torch.is_tensor(t) and t.shape == values.shape]
         for tensor in tensors:
