@@ -692,7 +692,13 @@ def test_targeting_fields_and_budgets():
 
     # budgets, counted by hand: shapes q [32, 32], v [16, 32], down [32, 48]
     sizes = {"q_proj": 32 * 32, "v_proj": 16 * 32, "down_proj": 32 * 48}
+    # LoRA r = 2 over both layers: 2 * 2 * ((32 + 32) + (16 + 32) + (32 + 48)) = 768 parameters, spread at equal
+    # density over 2 * (1024 + 512 + 1536) = 6144 entries: density 1/8 exactly -> q 128, v 64, down 192
     picked = targets(target_modules=list(sizes), match_lora_rank=2)
+    expected = {"q_proj": 128, "v_proj": 64, "down_proj": 192}
+    for name, layer in picked.items():
+        assert layer.sparse_indices["default"].numel() == expected[name.rsplit(".", 1)[1]], name
+    picked = targets(target_modules=list(sizes), match_lora_rank=2, budget_allocation="lora_per_tensor")
     for name, layer in picked.items():
         rows, cols = layer.get_base_layer().weight.shape
         assert layer.sparse_indices["default"].numel() == 2 * (rows + cols), name
@@ -719,6 +725,9 @@ def test_targeting_fields_and_budgets():
         ({"delta_dtype": "int8"}, "delta_dtype", "'int8'"),
         ({"kernel_backend": "cuda"}, "kernel_backend", "'cuda'"),
         ({"total_steps": 0}, "total_steps", "0"),
+        ({"budget_allocation": "per_tensor"}, "budget_allocation", "'per_tensor'"),
+        ({"drop_criterion": "age"}, "drop_criterion", "'age'"),
+        ({"regrow_dropped": "yes"}, "regrow_dropped", "'yes'"),
     ],
 )
 def test_invalid_config_values_raise(kwargs, field, value):
