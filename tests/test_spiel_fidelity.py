@@ -133,9 +133,7 @@ def test_a_fresh_adamw_after_loading_starts_every_age_with_its_own_step(tmp_path
 
 def reselect_by_hand(drop_criterion, values, anchor, **config):
     """One later reselection (k = 0.3 * 10 = 3, T unknown) of a 10-entry random-growth delta with given values."""
-    model, layer, _ = make(
-        selection="random", drop_criterion=drop_criterion, initial_reselection_rate=0.3, **config
-    )
+    model, layer, _ = make(selection="random", drop_criterion=drop_criterion, initial_reselection_rate=0.3, **config)
     with torch.no_grad():
         layer.sparse_values["default"].copy_(values)
         if drop_criterion == "change_since_reselection":

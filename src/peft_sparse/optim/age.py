@@ -43,9 +43,7 @@ def _bias_corrected_step(
 
 
 @torch.no_grad()
-def correct_adam_step_for_age(
-    optimizer: torch.optim.Optimizer, param: torch.Tensor, age: torch.Tensor
-) -> bool:
+def correct_adam_step_for_age(optimizer: torch.optim.Optimizer, param: torch.Tensor, age: torch.Tensor) -> bool:
     """Re-do ``optimizer``'s last update of ``param`` with bias correction by per-entry ``age``; True if done.
 
     ``age`` (integer, one per entry of ``param``) counts the updates each entry has had including the one just made.

@@ -18,7 +18,7 @@ SCHEDULES = ("linear", "cosine")
 def is_reselection_step(
     step: int, reselection_steps: int, total_steps: Optional[int], accumulation_steps: int
 ) -> bool:
-    """True if reselection follows optimizer update number ``step`` (1-based): updates gamma, S + gamma, ... before T."""
+    """True if reselection follows optimizer update ``step`` (1-based): updates gamma, S + gamma, ... before T."""
     if step < accumulation_steps or step <= 0 or (step - accumulation_steps) % reselection_steps:
         return False
     return total_steps is None or step < total_steps

@@ -81,10 +81,16 @@ class SpIELLayer(SparseDeltaLayer):
 
     def _reset_entry_state(self, adapter_name: str, age: int) -> None:
         # per-entry state for the current values: every age set to ``age``, the anchor to the values
-        values = self.sparse_values[adapter_name]
-        self.spiel_age[adapter_name] = torch.full((values.numel(),), age, dtype=torch.int32, device=values.device)
+        # buffers live on the weight's device (values may be on "meta" while PEFT injects with low_cpu_mem_usage)
+        values, device = self.sparse_values[adapter_name], self.weight_device
+        self.spiel_age[adapter_name] = torch.full((values.numel(),), age, dtype=torch.int32, device=device)
         track = self.sparse_config[adapter_name].drop_criterion == "change_since_reselection"
-        anchor = values.detach().float().clone() if track else torch.zeros(0, device=values.device)
+        if not track:
+            anchor = torch.zeros(0, device=device)
+        elif values.is_meta:
+            anchor = torch.zeros(values.numel(), device=device)
+        else:
+            anchor = values.detach().float().to(device, copy=True)
         self.spiel_anchor[adapter_name] = anchor
 
     def set_delta(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
@@ -149,7 +155,7 @@ class SpIELLayer(SparseDeltaLayer):
         super().install_loaded(adapter_name, tensors)
         self._step_cache.pop(adapter_name, None)
         self._pending.pop(adapter_name, None)
-        values = self.sparse_values[adapter_name]
+        values, device = self.sparse_values[adapter_name], self.weight_device
         if "age" not in tensors:  # saved before per-entry ages existed: treat every entry as trained all along
             self._reset_entry_state(adapter_name, age=self.current_step(adapter_name))
         else:
@@ -157,9 +163,9 @@ class SpIELLayer(SparseDeltaLayer):
         track = self.sparse_config[adapter_name].drop_criterion == "change_since_reselection"
         anchor = self.spiel_anchor[adapter_name]
         if track and anchor.numel() != values.numel():  # not tracked when saved: measure from the pre-trained weight
-            self.spiel_anchor[adapter_name] = torch.zeros(values.numel(), device=values.device)
+            self.spiel_anchor[adapter_name] = torch.zeros(values.numel(), device=device)
         elif not track and anchor.numel():
-            self.spiel_anchor[adapter_name] = torch.zeros(0, device=values.device)
+            self.spiel_anchor[adapter_name] = torch.zeros(0, device=device)
 
     # ----------------------------------------------------------------------------------------- estimation
     def _estimating_adapters(self) -> list[str]:
