@@ -25,7 +25,9 @@ class SpIELConfig(PeftConfig):
     optimizer updates gamma, S + gamma, 2S + gamma, ... (gamma = ``accumulation_steps``, S = ``reselection_steps``;
     thesis eq. 7.6) the entries that changed least are dropped and as many new ones are grown, by accumulated
     gradients ("ag"), SM3 row/column statistics ("ma") or at random; the first reselection replaces every entry.
-    With torch Adam/AdamW each entry's bias correction uses its own age (see ``peft_sparse.optim.age``).
+    With torch Adam/AdamW (any variant: foreach, fused, amsgrad) each entry's bias correction uses its own age, the
+    updates since it was grown (thesis §7.3.1; see ``peft_sparse.optim.age``); other optimizers keep their own
+    global-step correction (logged once), SM3 and SGD have none.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(

@@ -250,13 +250,16 @@ class SpIELLayer(SparseDeltaLayer):
     def _age_entries(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
         # An entry's age never exceeds the optimizer's own step count (a fresh optimizer after loading a trained
         # adapter starts every entry's moments, and so its age, afresh).
+        values = self.sparse_values[adapter_name]
+        if self.spiel_age[adapter_name].numel() != values.numel():  # values replaced outside set_delta
+            self._reset_entry_state(adapter_name, age=self.current_step(adapter_name) - 1)
         age = self.spiel_age[adapter_name]
-        state = optimizer.state.get(self.sparse_values[adapter_name], {})
+        state = optimizer.state.get(values, {})
         if "step" in state:
             age.add_(1).clamp_(max=int(float(state["step"])))
         else:
             age.add_(1)
-        correct_adam_step_for_age(optimizer, self.sparse_values[adapter_name], age)
+        correct_adam_step_for_age(optimizer, values, age)
 
     @torch.no_grad()
     def reselect(self, adapter_name: str, optimizer: Optional[torch.optim.Optimizer], step: int) -> int:
