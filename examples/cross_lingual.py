@@ -1,4 +1,4 @@
-"""Zero-shot cross-lingual transfer by composing LT-SFTs (SPEC section 3, the paper's Algorithm 1).
+"""Zero-shot cross-lingual transfer by composing LT-SFTs (thesis §4.3.2, Algorithm 1).
 
 1. A language SFT for the source language and one for the target language (causal LM on each language's text).
 2. A task SFT trained on top of ``theta0 + phi_source`` (the source-language SFT is merged in, then removed again:

@@ -1,4 +1,4 @@
-"""Setting the optimizer state of regrown sparse entries (SPEC section 1).
+"""Setting the optimizer state of regrown sparse entries (thesis §7.3.1).
 
 A slot that receives a new position must not inherit the moments of the entry dropped from it. Adam-family state is
 re-seeded so that the bias-corrected moments equal the given estimates (or zero); SM3's per-entry momentum is

@@ -1,4 +1,4 @@
-"""How a budget of tunable entries is spread over the targeted weights (SPEC section 1)."""
+"""How a budget of tunable entries is spread over the targeted weights (thesis §7.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Drop and grow: pure functions on index/value/statistic tensors (SPEC section 1).
+"""Drop and grow: pure functions on index/value/statistic tensors (thesis §7.3).
 
 Positions are flat row-major int64 indices into a weight. "Excluded" positions are the active entries that are
 kept, passed sorted; growth never returns them, so indices stay unique.

@@ -1,4 +1,4 @@
-"""When reselection happens and how many entries it replaces (SPEC section 1, thesis eq. 7.6)."""
+"""When reselection happens and how many entries it replaces (thesis §7.3.1, eq. 7.6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""qSpIEL support: sparse deltas over bitsandbytes 4-bit NF4 base weights (SPEC section 2).
+"""qSpIEL support: sparse deltas over bitsandbytes 4-bit NF4 base weights (thesis §7.3.2, eq. 7.8).
 
 The frozen weight stays packed NF4 (optionally with double-quantised absmax); each use dequantises it to the compute
 dtype and adds the delta. Merging into the 4-bit weight follows PEFT's convention for 4-bit layers but re-quantises

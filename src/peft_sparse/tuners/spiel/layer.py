@@ -1,4 +1,4 @@
-"""The SpIEL layer: a sparse delta whose positions are dropped and regrown during training (SPEC section 1).
+"""The SpIEL layer: a sparse delta whose positions are dropped and regrown during training (thesis §7.3).
 
 Training state per adapter, saved with the adapter so that a resumed run equals the uninterrupted one:
 ``spiel_step`` (optimizer updates seen), ``spiel_row_stats``/``spiel_col_stats`` (SpIEL-MA, float32, ``rows`` and
