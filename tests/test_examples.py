@@ -1,5 +1,6 @@
 """The examples a user copies still run end to end (few steps; their own checks decide the exit status)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,12 @@ def test_quickstart_trains_saves_reloads_and_merges(tmp_path):
     assert "SpIEL-AG" in out and "LoRA r=8" in out
     assert "-> OK" in out
     assert (tmp_path / "qs" / "adapter_model.safetensors").exists()
+    results = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert [row["method"] for row in results["rows"]] == ["base (no adapter)", "SpIEL-AG", "LoRA r=8"]
+    assert results["checks"]["reload_ok"] and results["checks"]["merge_ok"]
+    # held-out loss recorded at the last step equals the one in the table (the same model, evaluated twice)
+    assert results["curves"]["SpIEL"]["held_out"][-1] == [6, results["rows"][1]["held"]]
+    assert [step for step, _, _ in results["curves"]["SpIEL"]["reselections"]] == [3]
 
 
 def test_train_ltsft_writes_base_and_adapter(tmp_path):
@@ -34,3 +41,4 @@ def test_train_ltsft_writes_base_and_adapter(tmp_path):
     )
     assert (tmp_path / "lt" / "base" / "config.json").exists()
     assert (tmp_path / "lt" / "adapter" / "adapter_config.json").exists()
+    assert sorted(path.name for path in (tmp_path / "lt").iterdir()) == ["adapter", "base"]  # no empty folders
