@@ -1,10 +1,14 @@
 """The examples a user copies still run end to end (few steps; their own checks decide the exit status)."""
 
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,3 +46,31 @@ def test_train_ltsft_writes_base_and_adapter(tmp_path):
     assert (tmp_path / "lt" / "base" / "config.json").exists()
     assert (tmp_path / "lt" / "adapter" / "adapter_config.json").exists()
     assert sorted(path.name for path in (tmp_path / "lt").iterdir()) == ["adapter", "base"]  # no empty folders
+
+
+class _Parsed(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+@pytest.mark.parametrize("script", ["quickstart.py", "train_ltsft.py", "cross_lingual.py"])
+def test_every_option_has_help_and_shows_its_default(script, monkeypatch):
+    spec = importlib.util.spec_from_file_location(f"example_{script[:-3]}", ROOT / "examples" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def capture(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Parsed) as parsed:
+        module.parse_args([])
+    parser = parsed.value.parser
+    assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+    options = [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
+    assert options
+    assert [a.dest for a in options if not (a.help and a.help.strip())] == []
+    help_text = " ".join(parser.format_help().split())
+    for action in options:
+        if not action.required:
+            assert f"(default: {action.default})" in help_text, action.dest
