@@ -359,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     started = time.perf_counter()
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # step times depend on other jobs
     # The tiny model's matrices are too small to gain from several threads, and on a machine where other jobs run,
     # threads that wait for each other make every step many times slower.
     threads = args.threads if args.threads is not None else (0 if args.model else 1)
@@ -489,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "base_held_out_loss": base_held,
         "loss_unit": "nats per " + ("token" if args.model else "byte"),
         "threads": torch.get_num_threads(),
+        "load_average_1min": [load_at_start, os.getloadavg()[0] if load_at_start is not None else None],
         "checks": checks,
         "total_time_s": round(total, 1),
     }

@@ -70,11 +70,23 @@ def render_quickstart(root: Path) -> str:
     moves = r["curves"]["SpIEL"]["reselections"]  # [update, entries moved, budget]
     reselections = [step for step, _, _ in moves]
     checks = r["checks"]
+    st = r["settings"]
+    settings = (
+        f"{st['steps']} optimizer updates of {st['batch_size']} x {st['seq_len']} tokens per method, rank "
+        f"{st['rank']}, SpIEL-{st['selection'].upper()} lr {st['spiel_lr']:g} with reselection every "
+        f"{st['reselection_steps']} updates, LoRA lr {st['lora_lr']:g}, seed {st['seed']}"
+    )
+    load = r.get("load_average_1min")
+    load = (
+        f", load average {load[0]:.1f} at the start and {load[1]:.1f} at the end"
+        if load and load[0] is not None
+        else ""
+    )
     ok = "OK" if checks["reload_ok"] and checks["merge_ok"] else "FAILED"
     return (
         f"Measured {_day(r['date'])} on {r['machine']}, {r['threads']} torch thread(s) (torch {v['torch']}, "
         f"transformers {v['transformers']}, peft {v['peft']}, peft-sparse {v['peft_sparse']}): "
-        f"`{r['command']}` ({r['total_time_s']:.0f} s in all). Losses in {r['loss_unit']}; "
+        f"`{r['command']}` ({r['total_time_s']:.0f} s in all{load}); {settings}. Losses in {r['loss_unit']}; "
         f"final train loss = mean of the last 10 steps.\n\n"
         f"{table}\n\n"
         f"SpIEL reselections after updates {reselections}"
