@@ -1,4 +1,4 @@
-"""Under data parallelism every process must choose the same indices (SPEC section 5)."""
+"""Under data parallelism every process must choose the same indices."""
 
 import os
 import socket

@@ -1,4 +1,4 @@
-"""Reading and writing the formats of earlier implementations (SPEC section 6): composable-sft's pytorch_diff.bin
+"""Reading and writing the formats of earlier implementations : composable-sft's pytorch_diff.bin
 and the SpIEL reference fork's adapters."""
 
 from __future__ import annotations

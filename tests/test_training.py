@@ -1,4 +1,4 @@
-"""Drop and grow during training, against dense references (SPEC section 1)."""
+"""Drop and grow during training, against dense references (thesis §7.3)."""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""Composing sparse fine-tunings, and turning a dense fine-tune into one (SPEC sections 0 and 3).
+"""Composing sparse fine-tunings, and turning a dense fine-tune into one (thesis §4.3.2, eq. 7.9).
 
 Composition is addition: ``theta0 + sum_j w_j * phi_j``. ``compose_adapters`` does it on saved adapters (SpIEL or
 LT-SFT, in any mix) and writes one LT-SFT adapter; ``PeftModel.add_weighted_adapter`` does it in memory.

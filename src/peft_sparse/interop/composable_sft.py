@@ -1,4 +1,4 @@
-"""composable-sft's ``pytorch_diff.bin`` (the LT-SFT reference implementation), SPEC section 6.
+"""composable-sft's ``pytorch_diff.bin`` (the LT-SFT reference implementation).
 
 The file is a pickle (``torch.save``) of ``{"diffs": {param: {"size": torch.Size, "index_steps": [...],
 "values": Tensor}}, "abs": {param: Tensor}}``. ``index_steps`` delta-encodes the sorted flat indices in COLUMN-major

@@ -1,4 +1,4 @@
-"""Adapters saved by the SpIEL reference fork of PEFT (``peft_type: "SFT"``), SPEC section 6.
+"""Adapters saved by the SpIEL reference fork of PEFT (``peft_type: "SFT"``).
 
 Keys ``base_model.model.<module>.sft_delta.values`` (float) and ``.sft_delta.indices`` (int32, flat row-major),
 ``num_deltas`` (module -> K) in ``adapter_config.json``; ``adapter_model.bin`` by default, or ``.safetensors``.

@@ -14,7 +14,7 @@ SELECTION_SCOPES = ("global", "per_tensor")
 
 @dataclass
 class LTSFTConfig(PeftConfig):
-    """Configuration of an LT-SFT (Lottery-Ticket Sparse Fine-Tuning) adapter, SPEC section 3.
+    """Configuration of an LT-SFT (Lottery-Ticket Sparse Fine-Tuning) adapter, thesis §4.3.1.
 
     Budget: set one of ``num_tunable_weights`` (K) or ``density`` (K as a fraction of the targeted entries); with
     neither, ``density=0.01``. Training has a dense phase (the targeted weights themselves train), then
