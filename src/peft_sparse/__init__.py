@@ -10,6 +10,8 @@ from ._registration import register_method
 from .compose import compose_adapters, sparsify
 from .optim import SM3
 from .training import install as _install_training_hooks
+from .tuners.loading import AdapterLoadError
+from .tuners.loading import install as _install_loading_guards
 from .training import set_total_steps
 from .tuners import LTSFTConfig, LTSFTLayer, LTSFTModel, SpIELConfig, SpIELLayer, SpIELModel, ltsft, sparse_deltas
 
@@ -18,8 +20,10 @@ __version__ = "0.1.0"
 register_method("spiel", SpIELConfig, SpIELModel)
 register_method("ltsft", LTSFTConfig, LTSFTModel)
 _install_training_hooks()
+_install_loading_guards()
 
 __all__ = [
+    "AdapterLoadError",
     "SM3",
     "LTSFTConfig",
     "LTSFTLayer",

@@ -153,12 +153,20 @@ class SparseDeltaLayer(BaseTunerLayer):
         """Raise ValueError (naming ``where``) unless checkpoint ``tensors`` (keyed by role) fit the base weight."""
         shape = self.weight_shape
         saved_shape = tensors.get("shape")
-        if saved_shape is not None and tuple(int(s) for s in saved_shape.tolist()) != shape:
-            raise ValueError(
-                f"{where}: the adapter was made for a weight of shape {tuple(saved_shape.tolist())}, "
-                f"the base model's is {shape}"
-            )
+        if saved_shape is not None:
+            if saved_shape.dtype.is_floating_point or saved_shape.dtype == torch.bool or saved_shape.dim() != 1:
+                raise ValueError(
+                    f"{where}: {self.method_prefix}shape must be a 1-D integer tensor, got dtype {saved_shape.dtype} "
+                    f"and shape {tuple(saved_shape.shape)}"
+                )
+            if tuple(int(s) for s in saved_shape.tolist()) != tuple(shape):
+                raise ValueError(
+                    f"{where}: the adapter was made for a weight of shape {tuple(saved_shape.tolist())}, "
+                    f"the base model's is {shape}"
+                )
         check_delta(tensors["indices"], tensors["values"], shape, where)
+        if not torch.isfinite(tensors["values"]).all():
+            raise ValueError(f"{where}: {self.method_prefix}values holds non-finite values (NaN or inf)")
 
     def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the adapter's tensors by validated checkpoint ``tensors`` (keyed by role; resized as needed)."""

@@ -19,7 +19,8 @@ from torch import nn
 from ...delta import combine
 from ...selection import allocate_budgets
 from ...selection.topk import ChangeSource, largest_changes, largest_changes_per_tensor
-from ..sparse_model import SparseTunerModel, _sparse_layers, remove_adapter_everywhere
+from ..loading import ModelSnapshot
+from ..sparse_model import SparseTunerModel, _sparse_layers
 from .layer import DENSE, SPARSE, LTSFTLayer, LTSFTModule, supported_module
 
 logger = logging.getLogger("peft_sparse.ltsft")
@@ -109,24 +110,30 @@ class LTSFTModel(SparseTunerModel):
                 f"(select_and_rewind) before adding the trainable adapter {adapter_name!r}"
             )
         num_parameters = count_model_parameters(model)
-        BaseTuner.inject_adapter(self, model, adapter_name, *args, **kwargs)
+        snapshot = ModelSnapshot(model)  # any failure below puts the model back as it was
+        try:
+            BaseTuner.inject_adapter(self, model, adapter_name, *args, **kwargs)
+            self._init_adapter(model, adapter_name, num_parameters)
+        except Exception:
+            snapshot.restore()
+            self.peft_config.pop(adapter_name, None)
+            self.ltsft_state.pop(adapter_name, None)
+            raise
+        self._ensure_l1_hook()
+
+    def _init_adapter(self, model: nn.Module, adapter_name: str, num_parameters: int) -> None:
+        config = self.peft_config[adapter_name]
         layers = self._layers(adapter_name)
         # the exact module names: PEFT may have shortened a long list to suffixes such as "embed_tokens", which would
         # make save_pretrained store whole embedding matrices next to the deltas
         config.target_modules = {name for name, _ in layers}
-        try:
-            _check_no_shared_weights(model, layers)
-            maskable = sum(_maskable_numel(layer, config) for _, layer in layers)
-            budget = config.num_tunable_weights
-            if budget is None:
-                budget = max(1, min(maskable, round(config.density * maskable)))
-            if budget > maskable:
-                raise ValueError(
-                    f"num_tunable_weights={budget} exceeds the {maskable} entries of the targeted modules"
-                )
-        except ValueError:
-            remove_adapter_everywhere(model, adapter_name)
-            raise
+        _check_no_shared_weights(model, layers)
+        maskable = sum(_maskable_numel(layer, config) for _, layer in layers)
+        budget = config.num_tunable_weights
+        if budget is None:
+            budget = max(1, min(maskable, round(config.density * maskable)))
+        if budget > maskable:
+            raise ValueError(f"num_tunable_weights={budget} exceeds the {maskable} entries of the targeted modules")
         state = LTSFTState(budget, maskable, num_parameters, n_iterations=config.n_iterations)
         self.ltsft_state[adapter_name] = state
         if config.inference_mode:
@@ -135,7 +142,6 @@ class LTSFTModel(SparseTunerModel):
         else:
             config.delta_sizes = None
             self._enter_dense_phase(adapter_name)
-        self._ensure_l1_hook()
 
     def _allocate_recorded_sizes(self, adapter_name: str) -> None:
         # zero deltas of the saved sizes (placeholder positions 0..k-1), which the checkpoint's tensors then replace

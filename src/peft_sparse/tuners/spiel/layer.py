@@ -104,17 +104,7 @@ class SpIELLayer(SparseDeltaLayer):
 
     def validate_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         super().validate_loaded(adapter_name, tensors, where)
-        rows, cols = self.weight_shape
-        for role, allowed in (("row_stats", (0, rows)), ("col_stats", (0, cols))):
-            if role in tensors and tensors[role].numel() not in allowed:
-                raise ValueError(f"{where}: {role} has {tensors[role].numel()} entries, expected 0 or {allowed[1]}")
-        roles = ("candidates", "candidate_grad", "candidate_sq")
-        sizes = {tensors[r].numel() for r in roles if r in tensors}
-        if len(sizes) > 1:
-            raise ValueError(f"{where}: growth candidates and their statistics differ in length: {sorted(sizes)}")
-        candidates = tensors.get("candidates")
-        if candidates is not None and candidates.numel():
-            check_delta(candidates, torch.zeros(candidates.numel()), self.weight_shape, f"{where} (growth candidates)")
+        check_training_state(tensors, self.weight_shape, self.sparse_config[adapter_name].selection, where)
 
     def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         super().install_loaded(adapter_name, tensors)
@@ -274,3 +264,54 @@ class SpIELLinear(nn.Module, SpIELLayer):
 
     def __repr__(self) -> str:
         return "spiel." + super().__repr__()
+
+
+def check_training_state(
+    tensors: dict[str, torch.Tensor], weight_shape: tuple[int, int], selection: str, where: str
+) -> None:
+    """Raise ValueError (naming ``where``, the tensor and the value) unless checkpoint training state ``tensors``
+    (keyed by role: ``step``, ``row_stats``, ...) has the dtypes, shapes, ranges and finiteness that resuming a
+    ``selection`` run needs. Missing roles are fine (a fresh state is used)."""
+    rows, cols = weight_shape
+    step = tensors.get("step")
+    if step is not None:
+        if step.dtype.is_floating_point or step.dtype == torch.bool or step.dtype.is_complex or step.dim() != 0:
+            raise ValueError(
+                f"{where}: spiel_step must be a 0-d integer tensor, got dtype {step.dtype} and shape "
+                f"{tuple(step.shape)}"
+            )
+        if int(step) < 0:
+            raise ValueError(f"{where}: spiel_step must be non-negative, got {int(step)}")
+    expected = {"row_stats": rows if selection == "ma" else 0, "col_stats": cols if selection == "ma" else 0}
+    for role in ("row_stats", "col_stats", "candidate_grad", "candidate_sq"):
+        tensor = tensors.get(role)
+        if tensor is None:
+            continue
+        if not tensor.dtype.is_floating_point or tensor.dim() != 1:
+            raise ValueError(
+                f"{where}: spiel_{role} must be a 1-D floating-point tensor, got dtype {tensor.dtype} and shape "
+                f"{tuple(tensor.shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{where}: spiel_{role} holds non-finite values (NaN or inf)")
+        if role != "candidate_grad" and tensor.numel() and float(tensor.min()) < 0:
+            raise ValueError(f"{where}: spiel_{role} holds a negative value {float(tensor.min())}; it sums squares")
+        if role in expected and tensor.numel() != expected[role]:
+            raise ValueError(
+                f"{where}: spiel_{role} has {tensor.numel()} entries, selection={selection!r} needs "
+                f"{expected[role]} (was the adapter trained with another selection?)"
+            )
+    roles = ("candidates", "candidate_grad", "candidate_sq")
+    sizes = {tensors[r].numel() for r in roles if r in tensors}
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: growth candidates and their statistics differ in length: {sorted(sizes)}")
+    candidates = tensors.get("candidates")
+    if candidates is not None and candidates.numel():
+        if selection != "ag":
+            raise ValueError(
+                f"{where}: spiel_candidates holds {candidates.numel()} AG growth candidates, but selection="
+                f"{selection!r} (was the adapter trained with another selection?)"
+            )
+        if candidates.dim() != 1:
+            raise ValueError(f"{where}: spiel_candidates must be 1-D, got shape {tuple(candidates.shape)}")
+        check_delta(candidates, torch.zeros(candidates.numel()), weight_shape, f"{where} (growth candidates)")

@@ -1,0 +1,288 @@
+"""Bad files, faults and numerics: loading fails clearly and changes nothing; training state is checked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from helpers import spiel_layers, tiny_llama, token_batch
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+import peft_sparse
+from peft_sparse import AdapterLoadError, LTSFTConfig, SpIELConfig
+
+ADAPTER_FILE = "adapter_model.safetensors"
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def fingerprint(model: torch.nn.Module) -> dict:
+    """Hash of every tensor, its requires_grad flag and the class of every module: what a failed load must keep."""
+    tensors = {
+        name: (hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest(),
+               t.requires_grad, t.dtype, tuple(t.shape))
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+    }
+    modules = {name: type(m).__name__ for name, m in model.named_modules()}
+    return {"tensors": tensors, "modules": modules, "config": model.config.to_dict(), "training": model.training,
+            "peft": hasattr(model, "peft_config")}
+
+
+def spiel_config(**overrides) -> SpIELConfig:
+    kwargs = {"target_modules": TARGETS, "density": 0.2, "init_weights": False}
+    kwargs.update(overrides)
+    return SpIELConfig(**kwargs)
+
+
+def saved_adapter(tmp_path, config=None):
+    peft_model = get_peft_model(tiny_llama(), config or spiel_config())
+    peft_model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def edit_file(path, change):
+    tensors = load_file(path / ADAPTER_FILE)
+    change(tensors)
+    save_file(tensors, path / ADAPTER_FILE)
+
+
+def key_of(tensors, module, attr):
+    (key,) = [k for k in tensors if k.startswith(f"base_model.model.{module}.") and k.endswith("." + attr)]
+    return key
+
+
+# ----------------------------------------------------------------------------------------- bad files
+def _truncate(path):
+    data = (path / ADAPTER_FILE).read_bytes()
+    (path / ADAPTER_FILE).write_bytes(data[: len(data) // 2])
+
+
+def _empty(path):
+    (path / ADAPTER_FILE).write_bytes(b"")
+
+
+def _missing(path):
+    (path / ADAPTER_FILE).unlink()
+
+
+def _extra_base_weight(path):
+    # an adapter file that would overwrite the base model's final norm
+    edit_file(path, lambda t: t.__setitem__("base_model.model.model.norm.weight", torch.full((32,), 7.0)))
+
+
+def _extra_key_wrong_shape(path):
+    edit_file(path, lambda t: t.__setitem__("base_model.model.model.norm.weight", torch.ones(5)))
+
+
+def _nan_values(path):
+    def change(tensors):
+        key = key_of(tensors, "model.layers.0.self_attn.q_proj", "spiel_values")
+        tensors[key] = tensors[key].clone()
+        tensors[key][0] = float("nan")
+
+    edit_file(path, change)
+
+
+BAD_FILES = {
+    "truncated": (_truncate, None),
+    "empty": (_empty, None),
+    "missing-weights": (_missing, None),
+    "extra-base-weight": (_extra_base_weight, "model.norm.weight"),
+    "extra-key-wrong-shape": (_extra_key_wrong_shape, "model.norm.weight"),
+    "nan-values": (_nan_values, "non-finite"),
+}
+
+
+def _load_from_pretrained(model, path):
+    return PeftModel.from_pretrained(model, path)
+
+
+def _load_second_adapter(model, path):
+    # model is a PeftModel with a working adapter "default"; the bad one is added as "b"
+    return model.load_adapter(path, adapter_name="b")
+
+
+def _load_transformers(model, path):
+    return model.load_adapter(str(path))
+
+
+@pytest.mark.parametrize("bad", list(BAD_FILES), ids=list(BAD_FILES))
+@pytest.mark.parametrize("how", ["from_pretrained", "peft_load_adapter", "transformers_load_adapter"])
+def test_failed_load_raises_value_error_and_changes_nothing(tmp_path, bad, how):
+    corrupt, message = BAD_FILES[bad]
+    path = saved_adapter(tmp_path / "adapter")
+    corrupt(path)
+    if how == "peft_load_adapter":
+        model = get_peft_model(tiny_llama(seed=2), spiel_config(target_modules=["q_proj", "k_proj"], seed=5)).eval()
+        load = _load_second_adapter
+        tokens = token_batch()
+        with torch.no_grad():
+            before_out = model(tokens).logits
+    else:
+        model = tiny_llama(seed=2)
+        load = _load_from_pretrained if how == "from_pretrained" else _load_transformers
+    if how == "transformers_load_adapter" and bad == "missing-weights":
+        pytest.skip("transformers checks the file itself before any change (OSError)")
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=message) as info:
+        load(model, path)
+    if message is None:
+        assert isinstance(info.value, AdapterLoadError)
+    assert fingerprint(model) == before
+    if how == "peft_load_adapter":
+        assert list(model.peft_config) == ["default"]
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, before_out)
+    else:
+        assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def test_extra_key_does_not_survive_anywhere(tmp_path):
+    # the reported case: the key was loaded silently and survived unload()
+    path = saved_adapter(tmp_path)
+    _extra_base_weight(path)
+    model = tiny_llama(seed=2)
+    norm = model.model.norm.weight.detach().clone()
+    with pytest.raises(ValueError, match="not part of this adapter"):
+        PeftModel.from_pretrained(model, path)
+    assert torch.equal(model.model.norm.weight, norm)
+
+
+def test_good_file_still_loads_after_failures(tmp_path):
+    path = saved_adapter(tmp_path)
+    good = load_file(path / ADAPTER_FILE)
+    _extra_base_weight(path)
+    model = tiny_llama(seed=2)
+    with pytest.raises(ValueError):
+        PeftModel.from_pretrained(model, path)
+    save_file(good, path / ADAPTER_FILE)
+    loaded = PeftModel.from_pretrained(model, path)
+    assert len(spiel_layers(loaded)) == 6
+
+
+# ----------------------------------------------------------------------------------------- half-wrapped models
+def test_spiel_budget_error_leaves_model_unwrapped():
+    model = tiny_llama()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="num_tunable_weights"):
+        get_peft_model(model, SpIELConfig(target_modules=TARGETS, num_tunable_weights=10**9))
+    assert fingerprint(model) == before
+
+
+def test_ltsft_budget_error_leaves_model_unwrapped():
+    model = tiny_llama()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="num_tunable_weights"):
+        get_peft_model(model, LTSFTConfig(target_modules=TARGETS, num_tunable_weights=10**9))
+    assert fingerprint(model) == before
+
+
+@pytest.mark.parametrize("config_cls", [SpIELConfig, LTSFTConfig])
+def test_target_list_with_a_layer_norm_leaves_model_unwrapped(config_cls):
+    model = tiny_llama()
+    before = fingerprint(model)
+    # q_proj of layer 0 is wrapped before the first input_layernorm is reached
+    with pytest.raises(ValueError, match="input_layernorm"):
+        get_peft_model(model, config_cls(target_modules=["q_proj", "input_layernorm"], density=0.1))
+    assert fingerprint(model) == before
+
+
+# ----------------------------------------------------------------------------------------- training state
+def _train_until_candidates(peft_model, max_updates=40):
+    """Train (AdamW) until the AG estimation phase has picked growth candidates; returns after that backward, so the
+    saved state is inside the phase. Does not assume at which update the phase starts."""
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    tokens = token_batch(length=9)
+    for _ in range(max_updates):
+        peft_model(tokens, labels=tokens).loss.backward()
+        if any(layer.spiel_candidates["default"].numel() for layer in spiel_layers(peft_model).values()):
+            return optimizer
+        optimizer.step()
+        optimizer.zero_grad()
+    raise AssertionError("no estimation phase within max_updates")
+
+
+def test_ag_adapter_saved_inside_estimation_phase_loads_everywhere(tmp_path):
+    base = tiny_llama()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    peft_model = get_peft_model(base, spiel_config(reselection_steps=4, accumulation_steps=2))
+    _train_until_candidates(peft_model)
+    peft_model.eval()
+    tokens = token_batch()
+    with torch.no_grad():
+        expected = peft_model(tokens).logits
+    peft_model.save_pretrained(tmp_path)
+    on_disk = load_file(tmp_path / ADAPTER_FILE)
+    assert any(k.endswith("spiel_candidates") and v.numel() for k, v in on_disk.items())
+
+    def fresh():
+        model = LlamaForCausalLM(base.config)
+        model.load_state_dict(state)
+        return model.eval()
+
+    via_transformers = fresh()
+    via_transformers.load_adapter(str(tmp_path))
+    via_peft = PeftModel.from_pretrained(fresh(), tmp_path, is_trainable=True)
+    with torch.no_grad():
+        assert torch.equal(via_transformers(tokens).logits, expected)
+        assert torch.equal(via_peft.eval()(tokens).logits, expected)
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    key = key_of(on_disk, "model.layers.0.self_attn.q_proj", "spiel_candidates")
+    assert torch.equal(via_peft.get_submodule(name).spiel_candidates["default"], on_disk[key])
+
+
+def _set(module, attr, value):
+    def change(tensors):
+        tensors[key_of(tensors, module, attr)] = value
+
+    return change
+
+
+Q = "model.layers.0.self_attn.q_proj"
+BAD_STATE = {
+    "float-step": (_set(Q, "spiel_step", torch.tensor(3.0)), "spiel_step"),
+    "vector-step": (_set(Q, "spiel_step", torch.tensor([3, 4])), "spiel_step"),
+    "negative-step": (_set(Q, "spiel_step", torch.tensor(-2)), "spiel_step must be non-negative"),
+    "int-stats": (_set(Q, "spiel_row_stats", torch.ones(32, dtype=torch.int64)), "spiel_row_stats"),
+    "nan-stats": (_set(Q, "spiel_row_stats", torch.full((32,), float("nan"))), "spiel_row_stats"),
+    "negative-stats": (_set(Q, "spiel_col_stats", -torch.ones(32)), "spiel_col_stats"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_STATE), ids=list(BAD_STATE))
+def test_bad_training_state_is_refused_at_load(tmp_path, bad):
+    change, message = BAD_STATE[bad]
+    path = saved_adapter(tmp_path, spiel_config(selection="ma"))
+    edit_file(path, change)
+    model = tiny_llama(seed=2)
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=message) as info:
+        PeftModel.from_pretrained(model, path, is_trainable=True)
+    assert Q in str(info.value)
+    assert fingerprint(model) == before
+
+
+@pytest.mark.parametrize("saved, loaded", [("ma", "ag"), ("ag", "ma")])
+def test_config_whose_selection_changed_is_refused(tmp_path, saved, loaded):
+    config = spiel_config(selection=saved, reselection_steps=4, accumulation_steps=2)
+    peft_model = get_peft_model(tiny_llama(), config)
+    if saved == "ag":
+        _train_until_candidates(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["selection"] = loaded
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    model = tiny_llama(seed=2)
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="another selection"):
+        PeftModel.from_pretrained(model, tmp_path, is_trainable=True)
+    assert fingerprint(model) == before
+
+
+def test_public_error_class():
+    assert issubclass(peft_sparse.AdapterLoadError, ValueError)
