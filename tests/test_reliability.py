@@ -23,13 +23,22 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 def fingerprint(model: torch.nn.Module) -> dict:
     """Hash of every tensor, its requires_grad flag and the class of every module: what a failed load must keep."""
     tensors = {
-        name: (hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest(),
-               t.requires_grad, t.dtype, tuple(t.shape))
+        name: (
+            hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest(),
+            t.requires_grad,
+            t.dtype,
+            tuple(t.shape),
+        )
         for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
     }
     modules = {name: type(m).__name__ for name, m in model.named_modules()}
-    return {"tensors": tensors, "modules": modules, "config": model.config.to_dict(), "training": model.training,
-            "peft": hasattr(model, "peft_config")}
+    return {
+        "tensors": tensors,
+        "modules": modules,
+        "config": model.config.to_dict(),
+        "training": model.training,
+        "peft": hasattr(model, "peft_config"),
+    }
 
 
 def spiel_config(**overrides) -> SpIELConfig:

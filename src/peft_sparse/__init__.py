@@ -10,10 +10,10 @@ from ._registration import register_method
 from .compose import compose_adapters, sparsify
 from .optim import SM3
 from .training import install as _install_training_hooks
-from .tuners.loading import AdapterLoadError
-from .tuners.loading import install as _install_loading_guards
 from .training import set_total_steps
 from .tuners import LTSFTConfig, LTSFTLayer, LTSFTModel, SpIELConfig, SpIELLayer, SpIELModel, ltsft, sparse_deltas
+from .tuners.loading import AdapterLoadError
+from .tuners.loading import install as _install_loading_guards
 
 __version__ = "0.1.0"
 

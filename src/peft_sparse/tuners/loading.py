@@ -67,7 +67,7 @@ class ModelSnapshot:
                     _set_contents(value, contents[id(value)])
         for param, flag in self._requires_grad:
             param.requires_grad_(flag)
-        for config, state in self._configs:
+        for _config, state in self._configs:
             for obj, values in state:
                 obj.__dict__.clear()
                 obj.__dict__.update(values)
