@@ -295,3 +295,92 @@ def test_config_whose_selection_changed_is_refused(tmp_path, saved, loaded):
 
 def test_public_error_class():
     assert issubclass(peft_sparse.AdapterLoadError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------- loss scaling
+def _scaled_run(scale, overflow=None, updates=9):
+    """Train SpIEL-AG (S=4, gamma=2) for ``updates`` AdamW updates of 2 micro-batches each, with a GradScaler of
+    ``scale`` (None: no scaler). ``overflow``: "start" / "mid" inserts one update whose loss is inf (skipped by the
+    scaler) at the first / second update of the first estimation phase, found from the layer's own schedule."""
+    peft_model = get_peft_model(tiny_llama(), spiel_config(reselection_steps=4, accumulation_steps=2)).train()
+    layer = spiel_layers(peft_model)["base_model.model.model.layers.0.self_attn.q_proj"]
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    data = [token_batch(seed=i, length=9) for i in range(2 * updates)]
+    done = False
+
+    def update(batches, poison=False):
+        for x in batches:
+            loss = peft_model(x, labels=x).loss / len(batches)
+            if poison:
+                loss = loss * float("inf")
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+
+    for i in range(updates):
+        batches = data[2 * i : 2 * i + 2]
+        estimating = bool(layer._estimating_adapters())
+        has_candidates = layer.spiel_candidates["default"].numel() > 0
+        if overflow and not done and estimating and (has_candidates == (overflow == "mid")):
+            update(batches, poison=True)
+            done = True
+        update(batches)
+    assert done or overflow is None
+    state = {}
+    for name, lyr in spiel_layers(peft_model).items():
+        values = lyr.sparse_values["default"]
+        moments = optimizer.state[values]
+        state[name] = (
+            lyr.sparse_indices["default"].clone(),
+            values.detach().clone(),
+            moments["exp_avg"].clone(),
+            moments["exp_avg_sq"].clone(),
+        )
+    return state
+
+
+def _assert_runs_equal(got, expected):
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.equal(got[name][0], expected[name][0]), name
+        for a, b in zip(got[name][1:], expected[name][1:]):
+            assert torch.isfinite(a).all(), name
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_scaling_does_not_change_ag_statistics_or_seeded_moments():
+    plain = _scaled_run(None)
+    _assert_runs_equal(_scaled_run(2.0**16), plain)
+
+
+@pytest.mark.parametrize("where", ["start", "mid"])
+def test_overflowing_step_in_estimation_phase_changes_nothing(where):
+    _assert_runs_equal(_scaled_run(2.0**16, overflow=where), _scaled_run(2.0**16))
+
+
+# ----------------------------------------------------------------------------------------- float16 values
+@pytest.mark.parametrize("config_cls", [SpIELConfig, LTSFTConfig])
+def test_float16_values_with_adamw_are_refused_before_the_step(config_cls):
+    peft_model = get_peft_model(tiny_llama(), config_cls(target_modules=TARGETS, density=0.2, delta_dtype="float16"))
+    if config_cls is LTSFTConfig:
+        peft_sparse.ltsft.select_and_rewind(peft_model, verbose=False)
+    peft_model.train()
+    values = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    tokens = token_batch()
+    peft_model(tokens, labels=tokens).loss.backward()
+    with pytest.raises(ValueError, match="delta_dtype='float16'"):
+        optimizer.step()
+    for name, param in peft_model.named_parameters():
+        if name in values:
+            assert torch.equal(param, values[name]), name
+    # an optimizer without second moments works with float16 values
+    sgd = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    sgd.step()
+    assert all(torch.isfinite(p).all() for p in peft_model.parameters() if p.requires_grad)

@@ -11,6 +11,7 @@ from .compose import compose_adapters, sparsify
 from .optim import SM3
 from .training import install as _install_training_hooks
 from .training import set_total_steps
+from .training.precision import install as _install_precision_checks
 from .tuners import LTSFTConfig, LTSFTLayer, LTSFTModel, SpIELConfig, SpIELLayer, SpIELModel, ltsft, sparse_deltas
 from .tuners.loading import AdapterLoadError
 from .tuners.loading import install as _install_loading_guards
@@ -21,6 +22,7 @@ register_method("spiel", SpIELConfig, SpIELModel)
 register_method("ltsft", LTSFTConfig, LTSFTModel)
 _install_training_hooks()
 _install_loading_guards()
+_install_precision_checks()
 
 __all__ = [
     "AdapterLoadError",

@@ -30,6 +30,12 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def mark_delta_values(param: nn.Parameter) -> nn.Parameter:
+    """Tag ``param`` as the values of a sparse delta (optimizer checks recognise them by it); returns it."""
+    param._peft_sparse_delta = True
+    return param
+
+
 def supported_weight(module: nn.Module) -> bool:
     """True for the layer types a sparse delta can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
     return isinstance(module, (nn.Linear, Conv1D))
@@ -145,7 +151,7 @@ class SparseDeltaLayer(BaseTunerLayer):
             self.sparse_indices[adapter_name].copy_(indices)
         else:
             requires_grad = current.requires_grad if current is not None else True
-            self.sparse_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad)
+            self.sparse_values[adapter_name] = mark_delta_values(nn.Parameter(values, requires_grad=requires_grad))
             self.sparse_indices[adapter_name] = indices
         self.sparse_shape[adapter_name] = torch.tensor(shape, dtype=torch.int64, device=device)
 

@@ -22,7 +22,7 @@ from torch import nn
 from ...delta import check_delta, index_dtype_for, merge_exact, restore_exact
 from ...sparse_linear import sparse_delta_linear
 from ..base_weight import DenseBaseWeight
-from ..sparse_layer import DTYPES, Conv1D, SparseDeltaLayer
+from ..sparse_layer import DTYPES, Conv1D, SparseDeltaLayer, mark_delta_values
 
 DENSE, SPARSE = "dense", "sparse"
 
@@ -92,7 +92,7 @@ class LTSFTLayer(SparseDeltaLayer):
         values = values.detach().to(device=device, dtype=DTYPES[self.sparse_config[adapter_name].delta_dtype])
         current = self.sparse_bias_values.get(adapter_name)
         requires_grad = current.requires_grad if current is not None else True
-        self.sparse_bias_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad)
+        self.sparse_bias_values[adapter_name] = mark_delta_values(nn.Parameter(values, requires_grad=requires_grad))
         self.sparse_bias_indices[adapter_name] = indices
 
     def deltas_of(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

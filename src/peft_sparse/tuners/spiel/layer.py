@@ -52,6 +52,7 @@ class SpIELLayer(SparseDeltaLayer):
         self.layer_seed: dict[str, int] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._step_cache: dict[str, int] = {}
+        self._fresh_candidates: set[str] = set()  # candidates picked since the last update (dropped if it is skipped)
 
     def update_layer(self, adapter_name: str, config: Any, layer_key: str = "") -> None:
         """Add ``adapter_name`` with an empty delta and fresh training state; the budget comes later."""
@@ -78,6 +79,7 @@ class SpIELLayer(SparseDeltaLayer):
         self.spiel_candidate_grad[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         self.spiel_candidate_sq[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         self._pending.pop(adapter_name, None)
+        self._fresh_candidates.discard(adapter_name)
 
     def init_delta(self, adapter_name: str, budget: int) -> None:
         """Give ``adapter_name`` ``budget`` random positions (seeded by ``config.seed`` and the layer's name)."""
@@ -152,12 +154,27 @@ class SpIELLayer(SparseDeltaLayer):
             self.spiel_candidate_sq[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
             grad = dense.view(-1)[top]
             del dense
+            self._fresh_candidates.add(adapter)
         else:
             grad = sddmm(a, b, candidates, ncols, self.sparse_config[adapter].kernel_backend)
         if adapter in self._pending:
             self._pending[adapter] += grad
         else:
             self._pending[adapter] = grad
+
+    @torch.no_grad()
+    def after_gradient_unscale(self, adapter_name: str, inv_scale: torch.Tensor, skipped: bool) -> None:
+        """Called when a loss scaler has unscaled the gradients of an update (``peft_sparse.training.precision``):
+        bring the statistics gathered since the last update to unscaled units, or drop them (and candidates picked
+        from them) when the scaler found inf/NaN and will skip the update."""
+        if skipped:
+            self._pending.pop(adapter_name, None)
+            if adapter_name in self._fresh_candidates:
+                self._clear_candidates(adapter_name)
+            return
+        pending = self._pending.get(adapter_name)
+        if pending is not None:
+            pending.mul_(inv_scale.to(pending.device))
 
     # ----------------------------------------------------------------------------------------- updates
     @torch.no_grad()
@@ -179,6 +196,7 @@ class SpIELLayer(SparseDeltaLayer):
                 values.grad,
             )
         pending = self._pending.pop(adapter_name, None)
+        self._fresh_candidates.discard(adapter_name)
         if pending is not None:
             self.spiel_candidate_grad[adapter_name] += pending
             self.spiel_candidate_sq[adapter_name] += pending * pending
