@@ -384,3 +384,38 @@ def test_float16_values_with_adamw_are_refused_before_the_step(config_cls):
     sgd = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     sgd.step()
     assert all(torch.isfinite(p).all() for p in peft_model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------- interrupted writes
+def test_interrupted_compose_keeps_the_old_adapter_whole(tmp_path, monkeypatch):
+    import peft_sparse.compose as compose
+
+    adapter = saved_adapter(tmp_path / "a")
+    out = peft_sparse.compose_adapters([adapter], [1.0], tmp_path / "out")
+    (out / "README.md").write_text("notes")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(tensors, filename, metadata=None):
+        with open(filename, "wb") as stream:
+            stream.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compose, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        peft_sparse.compose_adapters([adapter], [2.0], out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "out"]
+
+    peft_sparse.compose_adapters([adapter], [2.0], out)
+    assert (out / "README.md").read_text() == "notes"
+    old, new = load_file_bytes(before[ADAPTER_FILE]), load_file(out / ADAPTER_FILE)
+    for key, tensor in old.items():
+        if key.endswith("ltsft_values"):
+            torch.testing.assert_close(new[key], 2 * tensor)
+
+
+def load_file_bytes(data: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(data)
