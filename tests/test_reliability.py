@@ -419,3 +419,57 @@ def load_file_bytes(data: bytes) -> dict:
     from safetensors.torch import load
 
     return load(data)
+
+
+# ----------------------------------------------------------------------------------------- config values
+@pytest.mark.parametrize(
+    "config_cls, kwargs, text",
+    [
+        (SpIELConfig, {"density": "0.1"}, "density must be a finite number in (0.0, 1.0], got '0.1'"),
+        (SpIELConfig, {"initial_reselection_rate": None}, "initial_reselection_rate must be a finite number"),
+        (SpIELConfig, {"initial_reselection_rate": float("nan")}, "initial_reselection_rate must be a finite"),
+        (
+            SpIELConfig,
+            {"num_tunable_weights": True},
+            "num_tunable_weights must be a positive integer or None, got True",
+        ),
+        (SpIELConfig, {"match_lora_rank": True}, "match_lora_rank must be a positive integer or None, got True"),
+        (SpIELConfig, {"reselection_steps": True}, "reselection_steps must be a positive integer, got True"),
+        (SpIELConfig, {"total_steps": True}, "total_steps must be a positive integer or None, got True"),
+        (SpIELConfig, {"seed": False}, "seed must be an integer, got False"),
+        (
+            LTSFTConfig,
+            {"num_tunable_weights": True},
+            "num_tunable_weights must be a positive integer or None, got True",
+        ),
+        (LTSFTConfig, {"n_iterations": True}, "n_iterations must be a positive integer, got True"),
+        (LTSFTConfig, {"dense_l1_reg": float("nan")}, "dense_l1_reg must be a finite number in [0.0, inf], got nan"),
+        (LTSFTConfig, {"dense_l1_reg": float("inf")}, "dense_l1_reg must be a finite number in [0.0, inf], got inf"),
+        (LTSFTConfig, {"sparse_l1_reg": -1.0}, "sparse_l1_reg must be in [0.0, inf], got -1.0"),
+        (LTSFTConfig, {"density": "0.1"}, "density must be a finite number in (0.0, 1.0], got '0.1'"),
+    ],
+)
+def test_wrong_config_types_name_field_and_value(config_cls, kwargs, text):
+    with pytest.raises(ValueError) as info:
+        config_cls(target_modules=TARGETS, **kwargs)
+    assert text in str(info.value)
+
+
+@pytest.mark.parametrize("config_cls", [SpIELConfig, LTSFTConfig])
+@pytest.mark.parametrize("target_modules", ["all-linear", r".*\.(q_proj|v_proj)"])
+def test_layers_to_transform_with_a_string_target_is_refused(config_cls, target_modules):
+    with pytest.raises(ValueError, match="layers_to_transform=\\[0\\] cannot be used when target_modules is a string"):
+        config_cls(target_modules=target_modules, layers_to_transform=[0])
+
+
+def test_layers_to_transform_with_a_list_target_is_honoured():
+    peft_model = get_peft_model(tiny_llama(), SpIELConfig(target_modules=["q_proj"], layers_to_transform=[1]))
+    assert list(spiel_layers(peft_model)) == ["base_model.model.model.layers.1.self_attn.q_proj"]
+
+
+def test_density_that_rounds_to_no_entries_is_refused():
+    model = tiny_llama()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="density=1e-12 gives 0 tunable entries"):
+        get_peft_model(model, SpIELConfig(target_modules=TARGETS, density=1e-12))
+    assert fingerprint(model) == before

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ..tuners.sparse_layer import DELTA_VALUES
 from .hooks import _owned_values
 
 _installed = False
@@ -44,7 +45,7 @@ def refuse_float16_adam(optimizer: torch.optim.Optimizer, args: Any = None, kwar
         if "betas" not in group or "eps" not in group:
             continue
         for param in group["params"]:
-            if param.dtype == torch.float16 and getattr(param, "_peft_sparse_delta", False):
+            if param.dtype == torch.float16 and param in DELTA_VALUES:
                 raise ValueError(
                     f"delta_dtype='float16' cannot be trained with {type(optimizer).__name__}: eps={group['eps']} "
                     "and small squared gradients underflow in float16 and the values become NaN at the first "

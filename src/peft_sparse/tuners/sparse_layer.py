@@ -30,10 +30,30 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def mark_delta_values(param: nn.Parameter) -> nn.Parameter:
-    """Tag ``param`` as the values of a sparse delta (optimizer checks recognise them by it); returns it."""
-    param._peft_sparse_delta = True
-    return param
+class _TensorIdentitySet:
+    """Weak set of tensors compared by identity (``weakref.WeakSet`` would compare tensors with ``==``)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        key = id(tensor)
+        if key not in self._refs or self._refs[key]() is not tensor:
+            self._refs[key] = weakref.ref(tensor, lambda _, key=key: self._refs.pop(key, None))
+
+    def __contains__(self, tensor: object) -> bool:
+        ref = self._refs.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+
+# values tensors that took part in a forward, which optimizer checks recognise (a set, not an attribute: loading with
+# assign=True rebuilds parameters from their attributes)
+DELTA_VALUES = _TensorIdentitySet()
+
+
+def mark_delta_values(values: torch.Tensor) -> None:
+    """Remember ``values`` as the values of a sparse delta (see ``DELTA_VALUES``)."""
+    DELTA_VALUES.add(values)
 
 
 def supported_weight(module: nn.Module) -> bool:
@@ -151,7 +171,7 @@ class SparseDeltaLayer(BaseTunerLayer):
             self.sparse_indices[adapter_name].copy_(indices)
         else:
             requires_grad = current.requires_grad if current is not None else True
-            self.sparse_values[adapter_name] = mark_delta_values(nn.Parameter(values, requires_grad=requires_grad))
+            self.sparse_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad)
             self.sparse_indices[adapter_name] = indices
         self.sparse_shape[adapter_name] = torch.tensor(shape, dtype=torch.int64, device=device)
 
@@ -216,6 +236,7 @@ class SparseDeltaLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         for adapter, _, values in deltas:
             self._tag_owner(adapter, values)
+            mark_delta_values(values)
         if len(deltas) == 1:
             indices, values = deltas[0][1], deltas[0][2]
         else:  # several active adapters: one delta with unique positions, overlapping values summed

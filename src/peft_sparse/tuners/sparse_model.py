@@ -18,6 +18,8 @@ from .bnb import dequantize_layer
 from .loading import AdapterLoadError, ModelSnapshot
 from .sparse_layer import SparseDeltaLayer
 
+BUDGET_FIELDS = ("density", "num_tunable_weights", "match_lora_rank")
+
 
 class SparseTunerModel(BaseTuner):
     """Base of the sparse tuners. Subclasses set ``prefix``, ``tuner_layer_cls`` and ``layer_cls``."""
@@ -67,6 +69,9 @@ class SparseTunerModel(BaseTuner):
         budgets = allocate_budgets(
             [m.weight_shape for m in layers], config.density, config.num_tunable_weights, config.match_lora_rank
         )
+        if layers and sum(budgets) == 0:
+            budget = next(f"{f}={getattr(config, f)!r}" for f in BUDGET_FIELDS if getattr(config, f, None) is not None)
+            raise ValueError(f"{budget} gives 0 tunable entries over the {len(layers)} targeted weights")
         for layer, budget in zip(layers, budgets):
             layer.init_delta(adapter_name, budget)
 

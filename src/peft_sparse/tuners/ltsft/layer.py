@@ -92,7 +92,7 @@ class LTSFTLayer(SparseDeltaLayer):
         values = values.detach().to(device=device, dtype=DTYPES[self.sparse_config[adapter_name].delta_dtype])
         current = self.sparse_bias_values.get(adapter_name)
         requires_grad = current.requires_grad if current is not None else True
-        self.sparse_bias_values[adapter_name] = mark_delta_values(nn.Parameter(values, requires_grad=requires_grad))
+        self.sparse_bias_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad)
         self.sparse_bias_indices[adapter_name] = indices
 
     def deltas_of(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -186,6 +186,7 @@ class LTSFTLayer(SparseDeltaLayer):
                 continue
             for kind, (indices, values) in self.deltas_of(adapter).items():
                 if values.numel():
+                    mark_delta_values(values)
                     (weight_deltas if kind == "weight" else bias_deltas).append((indices, values))
         if not weight_deltas and not bias_deltas:
             return self.base_layer(x, *args, **kwargs)
