@@ -473,3 +473,96 @@ def test_density_that_rounds_to_no_entries_is_refused():
     with pytest.raises(ValueError, match="density=1e-12 gives 0 tunable entries"):
         get_peft_model(model, SpIELConfig(target_modules=TARGETS, density=1e-12))
     assert fingerprint(model) == before
+
+
+# ----------------------------------------------------------------------------------------- adapters in PEFT's tests
+def test_spiel_delete_adapter_leaves_no_per_adapter_state():
+    peft_model = get_peft_model(tiny_llama(), spiel_config(), adapter_name="a")
+    peft_model.add_adapter("b", spiel_config(seed=3))
+    peft_model.base_model.set_adapter(["a", "b"])
+    peft_model.train()
+    tokens = token_batch()
+    peft_model(tokens, labels=tokens).loss.backward()
+    torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1).step()
+    peft_model.delete_adapter("b")
+    for layer in spiel_layers(peft_model).values():
+        for state in (layer.layer_seed, layer._step_cache, layer.sparse_config):
+            assert "b" not in state and "a" in state
+        assert "b" not in layer._pending and "b" not in layer._fresh_candidates
+        assert not any("b" in getattr(layer, n) for n in layer.adapter_layer_names + layer.other_param_names)
+
+
+def _trained_ltsft(tmp_path, targets=("q_proj", "v_proj")):
+    """A saved LT-SFT adapter with non-zero weight and bias values (dense step, selection, sparse step)."""
+    peft_model = get_peft_model(tiny_llama(), LTSFTConfig(target_modules=list(targets), num_tunable_weights=120))
+    peft_model.train()
+    tokens = token_batch()
+    for phase in range(2):
+        optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+        peft_model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        if phase == 0:
+            peft_sparse.ltsft.select_and_rewind(peft_model, verbose=False)
+    peft_model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_ltsft_low_cpu_mem_usage_load_equals_plain_load(tmp_path):
+    path = _trained_ltsft(tmp_path)
+    tokens = token_batch(seed=4)
+    with torch.no_grad():
+        plain = PeftModel.from_pretrained(tiny_llama(), path)(tokens).logits
+        low = PeftModel.from_pretrained(tiny_llama(), path, low_cpu_mem_usage=True)(tokens).logits
+        base = tiny_llama()(tokens).logits
+    assert not torch.allclose(plain, base)
+    assert torch.equal(low, plain)
+
+
+def test_ltsft_active_adapter_that_does_not_target_a_layer(tmp_path):
+    path = _trained_ltsft(tmp_path, targets=("q_proj",))
+    model = PeftModel.from_pretrained(tiny_llama(), path, adapter_name="a")
+    tokens = token_batch(seed=4)
+    with torch.no_grad():
+        only_a = model(tokens).logits
+    # "b" targets k_proj only (and is zero), so with ["b", "a"] active the output is a's
+    model.add_adapter("b", LTSFTConfig(target_modules=["k_proj"], num_tunable_weights=10, inference_mode=True))
+    model.base_model.set_adapter(["b", "a"])
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, only_a)
+
+
+def test_ltsft_load_adapter_is_trainable_trains_a_second_inactive_adapter(tmp_path):
+    path = _trained_ltsft(tmp_path)
+    model = PeftModel.from_pretrained(tiny_llama(), path, adapter_name="a", is_trainable=True)
+    model.load_adapter(path, adapter_name="b", is_trainable=True)
+    assert model.active_adapters == ["a"]
+    values_b = [p for n, p in model.named_parameters() if n.endswith(".b") and "ltsft_" in n and p.numel()]
+    assert values_b and all(p.requires_grad for p in values_b)
+    model.load_adapter(path, adapter_name="c")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith(".c"))
+
+
+def test_empty_value_tensors_are_not_trainable(tmp_path):
+    path = _trained_ltsft(tmp_path)
+    model = PeftModel.from_pretrained(tiny_llama(), path, is_trainable=True)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.numel() > 0 for _, p in trainable)
+    # every trainable tensor gets a gradient (PEFT's generic tuner tests check this)
+    model.train()
+    tokens = token_batch()
+    model(tokens, labels=tokens).loss.backward()
+    assert all(p.grad is not None for _, p in trainable)
+    model.base_model.set_adapter("default")
+    assert all(p.numel() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_saving_in_the_ltsft_dense_phase_warns(tmp_path):
+    peft_model = get_peft_model(tiny_llama(), LTSFTConfig(target_modules=TARGETS, num_tunable_weights=50))
+    with pytest.warns(UserWarning, match="dense phase"):
+        peft_model.save_pretrained(tmp_path / "dense")
+    peft_sparse.ltsft.select_and_rewind(peft_model, verbose=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        peft_model.save_pretrained(tmp_path / "sparse")

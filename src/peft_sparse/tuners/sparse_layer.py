@@ -170,8 +170,11 @@ class SparseDeltaLayer(BaseTunerLayer):
                 current.copy_(values)
             self.sparse_indices[adapter_name].copy_(indices)
         else:
-            requires_grad = current.requires_grad if current is not None else True
-            self.sparse_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad)
+            if current is not None and current.numel():
+                requires_grad = current.requires_grad
+            else:  # an empty delta is never trainable; once it has entries it follows PEFT's rule for adapters
+                requires_grad = not config.inference_mode and adapter_name in self.active_adapters
+            self.sparse_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad and values.numel() > 0)
             self.sparse_indices[adapter_name] = indices
         self.sparse_shape[adapter_name] = torch.tensor(shape, dtype=torch.int64, device=device)
 
@@ -201,6 +204,21 @@ class SparseDeltaLayer(BaseTunerLayer):
         for role, tensor in tensors.items():
             if role not in ("indices", "values", "shape"):
                 getattr(self, self.method_prefix + role)[adapter_name] = tensor.to(device)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self.freeze_empty_values()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self.freeze_empty_values()
+
+    def freeze_empty_values(self) -> None:
+        """Empty (0-entry) value tensors never train: nothing would reach them."""
+        for name in self.adapter_layer_names:
+            for values in getattr(self, name).values():
+                if values.numel() == 0:
+                    values.requires_grad_(False)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # Only the device follows the base layer: values keep delta_dtype and statistics stay float32.

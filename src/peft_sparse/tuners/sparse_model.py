@@ -75,6 +75,11 @@ class SparseTunerModel(BaseTuner):
         for layer, budget in zip(layers, budgets):
             layer.init_delta(adapter_name, budget)
 
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for _, layer in _sparse_layers(model):
+            layer.freeze_empty_values()
+
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # The values already have the config's delta_dtype; PEFT's default upcast of bf16/fp16 to float32 would
         # silently override a delta_dtype the user chose.

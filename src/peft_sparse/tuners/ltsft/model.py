@@ -148,10 +148,13 @@ class LTSFTModel(SparseTunerModel):
         sizes = self.peft_config[adapter_name].delta_sizes or {}
         for name, layer in self._layers(adapter_name):
             weight_k, bias_k = sizes.get(name, (0, 0))
-            _, values = layer.deltas_of(adapter_name)["weight"]
-            layer.set_delta(adapter_name, torch.arange(weight_k), values.new_zeros(weight_k))
+            # made on the base weight's device: with low_cpu_mem_usage the injected values live on "meta"
+            dtype = layer.deltas_of(adapter_name)["weight"][1].dtype
+            device = layer.get_base_layer().weight.device
+            layer.set_delta(adapter_name, torch.arange(weight_k), torch.zeros(weight_k, dtype=dtype, device=device))
             if bias_k and layer.base_bias is not None:
-                layer.set_bias_delta(adapter_name, torch.arange(bias_k), values.new_zeros(bias_k))
+                zeros = torch.zeros(bias_k, dtype=dtype, device=device)
+                layer.set_bias_delta(adapter_name, torch.arange(bias_k), zeros)
 
     def _record_delta_sizes(self, adapter_name: str) -> None:
         """Store the current delta sizes in the adapter's config (saved with it, see ``LTSFTConfig.delta_sizes``)."""
@@ -172,6 +175,20 @@ class LTSFTModel(SparseTunerModel):
             state.iteration, state.head_start = state.n_iterations, {}
             tuner._record_delta_sizes(adapter_name)
         return state_dict
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict, unwanted_adapter_names: list
+    ) -> dict[str, torch.Tensor]:
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, LTSFTModel) and adapter_name in tuner.ltsft_state and tuner.phase(adapter_name) == DENSE:
+            warnings.warn(
+                f"saving LT-SFT adapter {adapter_name!r} in its dense phase: it has no deltas yet, so the file holds "
+                "empty deltas (the base weights being trained are not saved). Call "
+                "peft_sparse.ltsft.select_and_rewind(model) first to save the sparse fine-tuning.",
+                stacklevel=4,
+            )
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)

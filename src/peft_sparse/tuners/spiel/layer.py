@@ -113,6 +113,12 @@ class SpIELLayer(SparseDeltaLayer):
         self._step_cache.pop(adapter_name, None)
         self._pending.pop(adapter_name, None)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for state in (self.layer_seed, self._step_cache, self._pending):
+            state.pop(adapter_name, None)
+        self._fresh_candidates.discard(adapter_name)
+
     # ----------------------------------------------------------------------------------------- estimation
     def _estimating_adapters(self) -> list[str]:
         if not (self.training and torch.is_grad_enabled()):
