@@ -566,3 +566,33 @@ def test_saving_in_the_ltsft_dense_phase_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         peft_model.save_pretrained(tmp_path / "sparse")
+
+
+# ----------------------------------------------------------------------------------------- earlier implementations
+@pytest.mark.parametrize("config_cls", [SpIELConfig, LTSFTConfig])
+def test_merge_and_unload_with_a_head_without_weight(config_cls):
+    from ltsft_helpers import tiny_bert_mlm
+
+    model = tiny_bert_mlm()
+    config = config_cls(target_modules=["query", "value"], modules_to_save=["cls.predictions"], density=0.1)
+    if config_cls is SpIELConfig:
+        config.init_weights = False
+    peft_model = get_peft_model(model, config)
+    if config_cls is LTSFTConfig:
+        peft_sparse.ltsft.select_and_rewind(peft_model, verbose=False)
+    head = peft_model.base_model.model.cls.predictions
+    assert type(head.modules_to_save["default"]).__name__ == "BertLMPredictionHead"
+    assert not hasattr(head.modules_to_save["default"], "weight")
+    with torch.no_grad():
+        head.modules_to_save["default"].bias.add_(0.5)  # a trained head
+        for _, layer in peft_model.named_modules():
+            if hasattr(layer, "sparse_values") and "default" in layer.sparse_values:
+                layer.sparse_values["default"].normal_(0, 0.1)
+    tokens = token_batch()
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(tokens).logits
+        merged = peft_model.merge_and_unload()
+        assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+        assert type(merged.cls.predictions).__name__ == "BertLMPredictionHead"
+        torch.testing.assert_close(merged(tokens).logits, expected, rtol=1e-5, atol=1e-5)

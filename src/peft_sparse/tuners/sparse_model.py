@@ -80,6 +80,12 @@ class SparseTunerModel(BaseTuner):
         for _, layer in _sparse_layers(model):
             layer.freeze_empty_values()
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # BaseTuner's version copies child.weight onto a new module without base_layer, which fails when unloading a
+        # modules_to_save head that has no .weight (BertLMPredictionHead, RobertaClassificationHead). Our layers are
+        # created on the base weight's device, so nothing else is needed (as in LoraModel).
+        setattr(parent, child_name, new_module)
+
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # The values already have the config's delta_dtype; PEFT's default upcast of bf16/fp16 to float32 would
         # silently override a delta_dtype the user chose.
