@@ -159,20 +159,49 @@ def test_unsafe_and_malformed_files_raise_clear_errors(tmp_path, monkeypatch):
     "data, message",
     [
         # each step is in range but the running sum wraps around int64
-        ({"diffs": {"w": {"size": torch.Size([2**40, 2**22]), "index_steps": [1] + [2**62 - 1] * 3,
-                          "values": torch.ones(4)}}}, "sum to"),
+        (
+            {
+                "diffs": {
+                    "w": {
+                        "size": torch.Size([2**40, 2**22]),
+                        "index_steps": [1] + [2**62 - 1] * 3,
+                        "values": torch.ones(4),
+                    }
+                }
+            },
+            "sum to",
+        ),
         ({"diffs": {"w": {"size": torch.Size([2, 3]), "index_steps": [0, 1.5], "values": torch.ones(2)}}}, "1.5"),
         ({"diffs": {"w": {"size": torch.Size([2, 3]), "index_steps": [0, True], "values": torch.ones(2)}}}, "True"),
-        ({"diffs": {"w": {"size": torch.Size([2, 3]), "index_steps": torch.tensor([0.0, 2.0]),
-                          "values": torch.ones(2)}}}, "integer tensor"),
-        ({"diffs": {"w": {"size": torch.Size([2, 3]), "index_steps": [0], "values": torch.ones(1)}},
-          "body": {"w": torch.ones(2, 3).to_sparse()}}, "given twice"),
+        (
+            {
+                "diffs": {
+                    "w": {"size": torch.Size([2, 3]), "index_steps": torch.tensor([0.0, 2.0]), "values": torch.ones(2)}
+                }
+            },
+            "integer tensor",
+        ),
+        (
+            {
+                "diffs": {"w": {"size": torch.Size([2, 3]), "index_steps": [0], "values": torch.ones(1)}},
+                "body": {"w": torch.ones(2, 3).to_sparse()},
+            },
+            "given twice",
+        ),
         ({"body": [torch.ones(2)]}, "'body' must be a dict"),
         ({"diffs": {}, "head": "x"}, "'head' must be a dict"),
         ({"diffs": {"w": {"size": 3, "index_steps": [0], "values": torch.ones(1)}}}, "size must be a sequence"),
     ],
-    ids=["cumsum-overflow", "float-step", "bool-step", "float-tensor", "named-twice", "legacy-body", "legacy-head",
-         "size-int"],
+    ids=[
+        "cumsum-overflow",
+        "float-step",
+        "bool-step",
+        "float-tensor",
+        "named-twice",
+        "legacy-body",
+        "legacy-head",
+        "size-int",
+    ],
 )
 def test_malformed_index_steps_and_structures_are_value_errors(tmp_path, data, message):
     torch.save(data, tmp_path / "bad.bin")
@@ -289,6 +318,29 @@ def test_spiel_reference_loads_as_a_spiel_adapter(tmp_path, safetensors):
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     trainable = load_spiel_reference(rebuild(base), tmp_path, is_trainable=True)
     assert all(m.sparse_values["default"].requires_grad for m in trainable.modules() if isinstance(m, SpIELLayer))
+
+
+def test_spiel_reference_classification_adapter_with_implicit_head(tmp_path):
+    from helpers import tiny_llama_classifier
+
+    base = tiny_llama_classifier()
+    generator = torch.Generator().manual_seed(1)
+    module = "model.layers.0.self_attn.q_proj"
+    indices = torch.sort(torch.randperm(32 * 32, generator=generator)[:30]).values
+    values = torch.randn(30, generator=generator)
+    score = torch.randn(3, 32, generator=generator)
+    # PEFT 0.6 saved the score head for SEQ_CLS without listing it in modules_to_save
+    _write_spiel_reference(
+        tmp_path, {module: (indices, values)}, {"task_type": "SEQ_CLS"}, heads={"score.weight": score}
+    )
+    reference = rebuild(base)
+    with torch.no_grad():
+        reference.get_submodule(module).weight.view(-1)[indices] += values
+        reference.score.weight.copy_(score)
+    model = load_spiel_reference(rebuild(base), tmp_path)
+    ids = token_batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_spiel_reference_errors(tmp_path):
