@@ -596,3 +596,25 @@ def test_merge_and_unload_with_a_head_without_weight(config_cls):
         assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
         assert type(merged.cls.predictions).__name__ == "BertLMPredictionHead"
         torch.testing.assert_close(merged(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["truncated", "extra-base-weight", "nan-values"])
+@pytest.mark.parametrize("is_trainable", [False, True], ids=["inference", "trainable"])
+def test_failed_ltsft_load_changes_nothing(tmp_path, bad, is_trainable):
+    path = _trained_ltsft(tmp_path)
+    if bad == "truncated":
+        _truncate(path)
+    elif bad == "extra-base-weight":
+        _extra_base_weight(path)
+    else:
+
+        def change(tensors):
+            key = next(k for k, v in tensors.items() if k.endswith(".ltsft_values") and v.numel())
+            tensors[key] = torch.full_like(tensors[key], float("inf"))
+
+        edit_file(path, change)
+    model = tiny_llama(seed=2)
+    before = fingerprint(model)
+    with pytest.raises(ValueError):
+        PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
+    assert fingerprint(model) == before

@@ -123,6 +123,8 @@ class LTSFTLayer(SparseDeltaLayer):
                 raise ValueError(f"{where}: the checkpoint has a bias delta but the base module has no bias")
             shape = (0,) if bias is None else tuple(bias.shape)
             check_delta(tensors["bias_indices"], tensors["bias_values"], shape, f"{where} (bias)")
+            if not torch.isfinite(tensors["bias_values"]).all():
+                raise ValueError(f"{where}: ltsft_bias_values holds non-finite values (NaN or inf)")
 
     def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the deltas by validated checkpoint ``tensors``; a loaded adapter is in the sparse phase."""
