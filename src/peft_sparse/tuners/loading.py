@@ -121,7 +121,7 @@ def _is_sparse_checkpoint(model_id: Any, kwargs: dict[str, Any]) -> bool:
         return False
 
 
-def _guard(original: Callable, sparse: Callable[[inspect.BoundArguments], bool], root: str, what: str) -> Callable:
+def _guard(original: Callable, sparse: Callable[[inspect.BoundArguments], bool], root: str) -> Callable:
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -164,7 +164,7 @@ def install() -> None:
                 return _is_sparse_config(existing)
             return _is_sparse_checkpoint(bound.arguments["model_id"], _extra_kwargs(bound))
 
-        PeftModel.load_adapter = _guard(PeftModel.load_adapter, load_adapter_is_sparse, "self", "load_adapter")
+        PeftModel.load_adapter = _guard(PeftModel.load_adapter, load_adapter_is_sparse, "self")
 
     if not getattr(PeftModel.from_pretrained, "_peft_sparse_guard", False):
         original = PeftModel.from_pretrained.__func__
@@ -175,9 +175,7 @@ def install() -> None:
                 return _is_sparse_config(config)
             return _is_sparse_checkpoint(bound.arguments["model_id"], _extra_kwargs(bound))
 
-        PeftModel.from_pretrained = classmethod(
-            _guard(original, from_pretrained_is_sparse, "model", "from_pretrained")
-        )
+        PeftModel.from_pretrained = classmethod(_guard(original, from_pretrained_is_sparse, "model"))
 
     try:
         from transformers.integrations.peft import PeftAdapterMixin
@@ -201,7 +199,7 @@ def install() -> None:
                 return original_load(self, *args, **kwargs)
             return _load_sparse_into_transformers_model(**bound.arguments)
 
-        PeftAdapterMixin.load_adapter = _guard(load_adapter, transformers_is_sparse, "self", "load_adapter")
+        PeftAdapterMixin.load_adapter = _guard(load_adapter, transformers_is_sparse, "self")
 
 
 def _load_sparse_into_transformers_model(
