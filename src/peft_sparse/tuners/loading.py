@@ -126,7 +126,10 @@ def _guard(original: Callable, sparse: Callable[[inspect.BoundArguments], bool],
 
     @functools.wraps(original)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:  # wrong arguments: the loader itself says so
+            return original(*args, **kwargs)
         if not sparse(bound):
             return original(*args, **kwargs)
         snapshot = ModelSnapshot(bound.arguments[root])
