@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -298,6 +299,7 @@ def test_public_error_class():
 
 
 # ----------------------------------------------------------------------------------------- loss scaling
+@functools.lru_cache(maxsize=None)  # the reference runs are shared between tests
 def _scaled_run(scale, overflow=None, updates=9):
     """Train SpIEL-AG (S=4, gamma=2) for ``updates`` AdamW updates of 2 micro-batches each, with a GradScaler of
     ``scale`` (None: no scaler). ``overflow``: "start" / "mid" inserts one update whose loss is inf (skipped by the
