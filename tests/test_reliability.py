@@ -620,3 +620,17 @@ def test_failed_ltsft_load_changes_nothing(tmp_path, bad, is_trainable):
     with pytest.raises(ValueError):
         PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
     assert fingerprint(model) == before
+
+
+def test_transformers_from_pretrained_on_an_adapter_folder(tmp_path):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), spiel_config())
+    tokens = token_batch()
+    with torch.no_grad():
+        expected = peft_model.eval()(tokens).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model, info = LlamaForCausalLM.from_pretrained(tmp_path / "adapter", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(tokens).logits, expected)

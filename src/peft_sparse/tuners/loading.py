@@ -249,4 +249,15 @@ def _load_sparse_into_transformers_model(
         for module in self.modules():
             if isinstance(module, SparseDeltaLayer):
                 module.requires_grad_(False)
-    return result
+    try:  # what transformers' own load_adapter returns (from_pretrained(output_loading_info=True) needs to_dict)
+        from transformers.utils.loading_report import LoadStateDictInfo
+    except ImportError:  # pragma: no cover - older transformers
+        return result
+    return LoadStateDictInfo(
+        missing_keys={k for k in result.missing_keys if adapter_name in k},
+        unexpected_keys=set(result.unexpected_keys),
+        mismatched_keys=set(),
+        error_msgs=[],
+        conversion_errors={},
+        skipped_pp_keys=set(),
+    )
