@@ -298,12 +298,6 @@ def test_transformers_load_adapter(tmp_path):
     torch.testing.assert_close(logits(model, tokens), logits(reference, tokens), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="transformers' load_adapter copies checkpoint tensors into the injected ones itself: a delta with another "
-    "number of entries than the config's budget (here from add_weighted_adapter) fails with a size mismatch",
-)
 def test_transformers_load_adapter_with_other_entry_count(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
@@ -320,11 +314,6 @@ def test_transformers_load_adapter_with_other_entry_count(tmp_path):
     torch.testing.assert_close(logits(model, tokens), logits(reference, tokens), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="transformers' load_adapter bypasses the checks of PeftModel.from_pretrained: duplicate indices load",
-)
 def test_transformers_load_adapter_rejects_bad_file(tmp_path):
     _save_base_and_adapter(tmp_path)
     tensors = load_file(tmp_path / "adapter" / ADAPTER_FILE)

@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 from ..._registration import ensure_peft_type
 from ...selection import SCHEDULES
 from ...selection.budget import BUDGET_ALLOCATIONS
-from ..config_checks import check_common_fields
+from ..config_checks import check_common_fields, check_number, check_positive_integer, is_integer
 
 SELECTIONS = ("ag", "ma", "random")
 DROP_CRITERIA = ("magnitude", "change_since_reselection")
@@ -120,38 +120,30 @@ class SpIELConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = ensure_peft_type("SPIEL")
         check_common_fields(self, ("density", "num_tunable_weights", "match_lora_rank"))
-        if self.match_lora_rank is not None and (
-            not isinstance(self.match_lora_rank, int) or self.match_lora_rank < 1
-        ):
-            raise ValueError(f"match_lora_rank must be a positive integer, got {self.match_lora_rank!r}")
+        check_positive_integer("match_lora_rank", self.match_lora_rank, optional=True)
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if not isinstance(self.reselection_steps, int) or self.reselection_steps < 1:
-            raise ValueError(f"reselection_steps must be a positive integer, got {self.reselection_steps!r}")
-        if (
-            not isinstance(self.accumulation_steps, int)
-            or self.accumulation_steps < 1
-            or (self.selection == "ag" and self.accumulation_steps > self.reselection_steps)
-        ):
+        check_positive_integer("reselection_steps", self.reselection_steps)
+        check_positive_integer("accumulation_steps", self.accumulation_steps)
+        if self.selection == "ag" and self.accumulation_steps > self.reselection_steps:
             raise ValueError(
-                f"accumulation_steps must be a positive integer, at most reselection_steps={self.reselection_steps} "
-                f"for selection 'ag', "
+                f"accumulation_steps must be at most reselection_steps={self.reselection_steps} for selection 'ag', "
                 f"got {self.accumulation_steps!r}"
             )
-        if not 0.0 <= self.initial_reselection_rate <= 1.0:
-            raise ValueError(f"initial_reselection_rate must be in [0, 1], got {self.initial_reselection_rate}")
+        check_number("initial_reselection_rate", self.initial_reselection_rate, 0.0, 1.0)
         if self.budget_allocation not in BUDGET_ALLOCATIONS:
             raise ValueError(f"budget_allocation must be one of {BUDGET_ALLOCATIONS}, got {self.budget_allocation!r}")
         if self.drop_criterion not in DROP_CRITERIA:
             raise ValueError(f"drop_criterion must be one of {DROP_CRITERIA}, got {self.drop_criterion!r}")
-        if self.regrow_dropped not in (None, True, False):
+        if self.regrow_dropped is not None and not isinstance(self.regrow_dropped, bool):
             raise ValueError(f"regrow_dropped must be True, False or None, got {self.regrow_dropped!r}")
         if self.reselection_schedule not in SCHEDULES:
             raise ValueError(f"reselection_schedule must be one of {SCHEDULES}, got {self.reselection_schedule!r}")
-        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
-            raise ValueError(f"total_steps must be a positive integer or None, got {self.total_steps!r}")
-        if not isinstance(self.seed, int):
+        check_positive_integer("total_steps", self.total_steps, optional=True)
+        if not is_integer(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
 
     @property
     def excludes_dropped_from_growth(self) -> bool:

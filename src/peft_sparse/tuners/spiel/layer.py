@@ -58,6 +58,7 @@ class SpIELLayer(SparseDeltaLayer):
         self.layer_seed: dict[str, int] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._step_cache: dict[str, int] = {}
+        self._fresh_candidates: set[str] = set()  # candidates picked since the last update (dropped if it is skipped)
 
     def update_layer(self, adapter_name: str, config: Any, layer_key: str = "") -> None:
         """Add ``adapter_name`` with an empty delta and fresh training state; the budget comes later."""
@@ -107,6 +108,7 @@ class SpIELLayer(SparseDeltaLayer):
         self.spiel_candidate_grad[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         self.spiel_candidate_sq[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         self._pending.pop(adapter_name, None)
+        self._fresh_candidates.discard(adapter_name)
 
     def init_delta(self, adapter_name: str, budget: int) -> None:
         """Give ``adapter_name`` ``budget`` random positions (seeded by ``config.seed`` and the layer's name)."""
@@ -134,22 +136,7 @@ class SpIELLayer(SparseDeltaLayer):
 
     def validate_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         super().validate_loaded(adapter_name, tensors, where)
-        rows, cols = self.weight_shape
-        for role, allowed in (("row_stats", (0, rows)), ("col_stats", (0, cols))):
-            if role in tensors and tensors[role].numel() not in allowed:
-                raise ValueError(f"{where}: {role} has {tensors[role].numel()} entries, expected 0 or {allowed[1]}")
-        k = tensors["values"].numel()
-        if "age" in tensors and tensors["age"].numel() != k:
-            raise ValueError(f"{where}: age has {tensors['age'].numel()} entries, expected {k} (one per value)")
-        if "anchor" in tensors and tensors["anchor"].numel() not in (0, k):
-            raise ValueError(f"{where}: anchor has {tensors['anchor'].numel()} entries, expected 0 or {k}")
-        roles = ("candidates", "candidate_grad", "candidate_sq")
-        sizes = {tensors[r].numel() for r in roles if r in tensors}
-        if len(sizes) > 1:
-            raise ValueError(f"{where}: growth candidates and their statistics differ in length: {sorted(sizes)}")
-        candidates = tensors.get("candidates")
-        if candidates is not None and candidates.numel():
-            check_delta(candidates, torch.zeros(candidates.numel()), self.weight_shape, f"{where} (growth candidates)")
+        check_training_state(tensors, self.weight_shape, self.sparse_config[adapter_name].selection, where)
 
     def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         super().install_loaded(adapter_name, tensors)
@@ -166,6 +153,12 @@ class SpIELLayer(SparseDeltaLayer):
             self.spiel_anchor[adapter_name] = torch.zeros(values.numel(), device=device)
         elif not track and anchor.numel():
             self.spiel_anchor[adapter_name] = torch.zeros(0, device=device)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for state in (self.layer_seed, self._step_cache, self._pending):
+            state.pop(adapter_name, None)
+        self._fresh_candidates.discard(adapter_name)
 
     # ----------------------------------------------------------------------------------------- estimation
     def _estimating_adapters(self) -> list[str]:
@@ -208,12 +201,27 @@ class SpIELLayer(SparseDeltaLayer):
             self.spiel_candidate_sq[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
             grad = dense.view(-1)[top]
             del dense
+            self._fresh_candidates.add(adapter)
         else:
             grad = sddmm(a, b, candidates, ncols, self.sparse_config[adapter].kernel_backend)
         if adapter in self._pending:
             self._pending[adapter] += grad
         else:
             self._pending[adapter] = grad
+
+    @torch.no_grad()
+    def after_gradient_unscale(self, adapter_name: str, inv_scale: torch.Tensor, skipped: bool) -> None:
+        """Called when a loss scaler has unscaled the gradients of an update (``peft_sparse.training.precision``):
+        bring the statistics gathered since the last update to unscaled units, or drop them (and candidates picked
+        from them) when the scaler found inf/NaN and will skip the update."""
+        if skipped:
+            self._pending.pop(adapter_name, None)
+            if adapter_name in self._fresh_candidates:
+                self._clear_candidates(adapter_name)
+            return
+        pending = self._pending.get(adapter_name)
+        if pending is not None:
+            pending.mul_(inv_scale.to(pending.device))
 
     # ----------------------------------------------------------------------------------------- updates
     @torch.no_grad()
@@ -241,6 +249,7 @@ class SpIELLayer(SparseDeltaLayer):
                 values.grad,
             )
         pending = self._pending.pop(adapter_name, None)
+        self._fresh_candidates.discard(adapter_name)
         if pending is not None:
             self.spiel_candidate_grad[adapter_name] += pending
             self.spiel_candidate_sq[adapter_name] += pending * pending
@@ -354,3 +363,76 @@ class SpIELLinear(nn.Module, SpIELLayer):
 
     def __repr__(self) -> str:
         return "spiel." + super().__repr__()
+
+
+def check_training_state(
+    tensors: dict[str, torch.Tensor], weight_shape: tuple[int, int], selection: str, where: str
+) -> None:
+    """Raise ValueError (naming ``where``, the tensor and the value) unless checkpoint training state ``tensors``
+    (keyed by role: ``step``, ``row_stats``, ...) has the dtypes, shapes, ranges and finiteness that resuming a
+    ``selection`` run needs. Missing roles are fine (a fresh state is used)."""
+    rows, cols = weight_shape
+    step = tensors.get("step")
+    if step is not None:
+        if step.dtype.is_floating_point or step.dtype == torch.bool or step.dtype.is_complex or step.dim() != 0:
+            raise ValueError(
+                f"{where}: spiel_step must be a 0-d integer tensor, got dtype {step.dtype} and shape "
+                f"{tuple(step.shape)}"
+            )
+        if int(step) < 0:
+            raise ValueError(f"{where}: spiel_step must be non-negative, got {int(step)}")
+    expected = {"row_stats": rows if selection == "ma" else 0, "col_stats": cols if selection == "ma" else 0}
+    for role in ("row_stats", "col_stats", "candidate_grad", "candidate_sq"):
+        tensor = tensors.get(role)
+        if tensor is None:
+            continue
+        if not tensor.dtype.is_floating_point or tensor.dim() != 1:
+            raise ValueError(
+                f"{where}: spiel_{role} must be a 1-D floating-point tensor, got dtype {tensor.dtype} and shape "
+                f"{tuple(tensor.shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{where}: spiel_{role} holds non-finite values (NaN or inf)")
+        if role != "candidate_grad" and tensor.numel() and float(tensor.min()) < 0:
+            raise ValueError(f"{where}: spiel_{role} holds a negative value {float(tensor.min())}; it sums squares")
+        if role in expected and tensor.numel() != expected[role]:
+            raise ValueError(
+                f"{where}: spiel_{role} has {tensor.numel()} entries, selection={selection!r} needs "
+                f"{expected[role]} (was the adapter trained with another selection?)"
+            )
+    k = tensors["values"].numel() if "values" in tensors else None
+    age = tensors.get("age")
+    if age is not None:
+        if age.dtype.is_floating_point or age.dtype == torch.bool or age.dtype.is_complex or age.dim() != 1:
+            raise ValueError(
+                f"{where}: spiel_age must be a 1-D integer tensor, got dtype {age.dtype} and shape {tuple(age.shape)}"
+            )
+        if k is not None and age.numel() != k:
+            raise ValueError(f"{where}: spiel_age has {age.numel()} entries, expected {k} (one per value)")
+        if age.numel() and int(age.min()) < 0:
+            raise ValueError(f"{where}: spiel_age must be non-negative, got {int(age.min())}")
+    anchor = tensors.get("anchor")
+    if anchor is not None:
+        if not anchor.dtype.is_floating_point or anchor.dim() != 1:
+            raise ValueError(
+                f"{where}: spiel_anchor must be a 1-D floating-point tensor, got dtype {anchor.dtype} and shape "
+                f"{tuple(anchor.shape)}"
+            )
+        if k is not None and anchor.numel() not in (0, k):
+            raise ValueError(f"{where}: spiel_anchor has {anchor.numel()} entries, expected 0 or {k}")
+        if not torch.isfinite(anchor).all():
+            raise ValueError(f"{where}: spiel_anchor holds non-finite values (NaN or inf)")
+    roles = ("candidates", "candidate_grad", "candidate_sq")
+    sizes = {tensors[r].numel() for r in roles if r in tensors}
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: growth candidates and their statistics differ in length: {sorted(sizes)}")
+    candidates = tensors.get("candidates")
+    if candidates is not None and candidates.numel():
+        if selection != "ag":
+            raise ValueError(
+                f"{where}: spiel_candidates holds {candidates.numel()} AG growth candidates, but selection="
+                f"{selection!r} (was the adapter trained with another selection?)"
+            )
+        if candidates.dim() != 1:
+            raise ValueError(f"{where}: spiel_candidates must be 1-D, got shape {tuple(candidates.shape)}")
+        check_delta(candidates, torch.zeros(candidates.numel()), weight_shape, f"{where} (growth candidates)")
