@@ -98,7 +98,13 @@ class LTSFTConfig(PeftConfig):
             "transformers' load_adapter, need that)."
         },
     )
-    delta_dtype: str = field(default="float32", metadata={"help": "dtype of the values: float32, bfloat16, float16."})
+    delta_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the values: float32, bfloat16, float16 (float16 only with optimizers without second "
+            "moments, e.g. SGD; Adam/AdamW refuse it)."
+        },
+    )
     kernel_backend: str = field(
         default="auto",
         metadata={"help": "'auto', 'torch' or 'triton'; the environment variable PEFT_SPARSE_KERNEL_BACKEND wins."},

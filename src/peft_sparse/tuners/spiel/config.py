@@ -109,7 +109,13 @@ class SpIELConfig(PeftConfig):
             "without it, xi is not decayed."
         },
     )
-    delta_dtype: str = field(default="float32", metadata={"help": "dtype of the values: float32, bfloat16, float16."})
+    delta_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the values: float32, bfloat16, float16 (float16 only with optimizers without second "
+            "moments, e.g. SGD; Adam/AdamW refuse it)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the initial and random indices; same on every process."})
     kernel_backend: str = field(
         default="auto",
