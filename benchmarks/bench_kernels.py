@@ -36,7 +36,7 @@ LLAMA_TOKENS = [2048, 8192, 32768]
 SMALL_SHAPES = [(33, 65), (64, 48), (48, 64)]
 SMALL_TOKENS = [16, 37]
 DENSITIES = [0.005, 0.01, 0.025, 0.05]
-# Fraction of K regrown at a SpIEL-MA reselection (initial_reselection_rate, SPEC section 1).
+# Fraction of K regrown at a SpIEL-MA reselection (initial_reselection_rate, thesis §7.3.1).
 GROWTH_FRACTION = 0.2
 
 

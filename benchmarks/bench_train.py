@@ -219,7 +219,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats", type=int, default=None, help="runs per method and setting, interleaved; step times pooled"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker-timeout", type=int, default=1800, help="seconds per worker process")
+    parser.add_argument(
+        "--worker-timeout", type=int, default=1800, help="seconds per worker process (0: no limit, as the tests use)"
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -773,7 +775,7 @@ def run_worker(job: dict, workdir: Path, timeout: int) -> dict:
     job_path.write_text(json.dumps(dict(job, result_path=str(result_path))))
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)]
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout or None)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s", "oom": False}
     if result_path.exists():

@@ -1,4 +1,4 @@
-"""Zero-shot cross-lingual transfer by composing LT-SFTs (SPEC section 3, the paper's Algorithm 1).
+"""Zero-shot cross-lingual transfer by composing LT-SFTs (thesis §4.3.2, Algorithm 1).
 
 1. A language SFT for the source language and one for the target language (causal LM on each language's text).
 2. A task SFT trained on top of ``theta0 + phi_source`` (the source-language SFT is merged in, then removed again:
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,8 +89,9 @@ def train_ltsft(model, data: Windows, config: peft_sparse.LTSFTConfig, args, nam
     model = get_peft_model(model, config)
     for phase in peft_sparse.ltsft.phases(model, verbose=False):
         steps = args.dense_steps if phase.dense else args.sparse_steps
+        workdir = tempfile.TemporaryDirectory()  # no checkpoints are saved; keeps the output folder clean
         training_args = TrainingArguments(
-            output_dir=str(Path(args.output_dir) / "checkpoints" / f"{name}-{phase.phase}"),
+            output_dir=workdir.name,
             max_steps=steps,
             per_device_train_batch_size=args.batch_size,
             learning_rate=args.dense_lr if phase.dense else args.sparse_lr,
@@ -103,6 +105,7 @@ def train_ltsft(model, data: Windows, config: peft_sparse.LTSFTConfig, args, nam
             disable_tqdm=True,
         )
         Trainer(model=model, args=training_args, train_dataset=data, data_collator=default_data_collator).train()
+        workdir.cleanup()
     return model
 
 
@@ -121,17 +124,19 @@ def dense_delta(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="./outputs/cross_lingual", help="where the four adapters go")
-    p.add_argument("--language_k", type=int, default=20000, help="K of each language SFT")
-    p.add_argument("--task_k", type=int, default=20000, help="K of the task SFT")
-    p.add_argument("--dense_steps", type=int, default=40)
-    p.add_argument("--sparse_steps", type=int, default=40)
-    p.add_argument("--dense_lr", type=float, default=2e-3)
-    p.add_argument("--sparse_lr", type=float, default=1e-2)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--seq_len", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--output_dir", default="./outputs/cross_lingual", help="where the adapters go")
+    p.add_argument("--language_k", type=int, default=20000, help="K (tunable entries) of each language SFT")
+    p.add_argument("--task_k", type=int, default=20000, help="K (tunable entries) of the task SFT")
+    p.add_argument("--dense_steps", type=int, default=40, help="optimizer updates of each SFT's dense phase")
+    p.add_argument("--sparse_steps", type=int, default=40, help="optimizer updates of each SFT's sparse phase")
+    p.add_argument("--dense_lr", type=float, default=2e-3, help="peak learning rate of the dense phases (AdamW)")
+    p.add_argument("--sparse_lr", type=float, default=1e-2, help="peak learning rate of the sparse phases (AdamW)")
+    p.add_argument("--batch_size", type=int, default=16, help="sequences per optimizer update")
+    p.add_argument("--seq_len", type=int, default=96, help="bytes per sequence")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base weights and of the Trainers")
     p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads (1: fastest for the tiny model)")
     return p.parse_args(argv)
 
@@ -211,6 +216,14 @@ def main(argv=None) -> int:
     print("\ntask loss on held-out target-language examples:")
     for name, value in losses.items():
         print(f"  {name:<24} {value:.4f}")
+    if losses["theta0 + task+target"] > losses["theta0 + target"]:
+        print(
+            "  (theta0 + task+target is worse than theta0 + target alone here. Expected at this scale: the base is a\n"
+            "   random byte-level model, and the two 'languages' share only spaces and punctuation (ROT13 changes\n"
+            "   every letter, also in 'Q:' and 'A:'), so what the task SFT learned on source-language text does not\n"
+            "   carry over. The transfer in the LT-SFT paper relies on a pre-trained multilingual model. This script\n"
+            "   shows the recipe and checks that composition is exact; it does not measure transfer.)"
+        )
     print(f"composed weights == theta0 + phi_task + phi_target exactly: {'OK' if exact else 'MISMATCH'}")
     print(
         f"compose_adapters({out / 'task'}, {out / 'language_target'}) gives the same weights: "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,10 +70,11 @@ def held_out_loss(model: torch.nn.Module, dataset: TokenWindows, batch_size: int
     return total / count
 
 
-def trainer_for(model, dataset, args, phase: str, steps: int, lr: float) -> Trainer:
-    """An ordinary Trainer (its default AdamW and a linear schedule), one per phase."""
+def trainer_for(model, dataset, args, workdir: str, steps: int, lr: float) -> Trainer:
+    """An ordinary Trainer (its default AdamW and a linear schedule), one per phase. It saves no checkpoints;
+    ``workdir`` (a temporary folder) only receives what the Trainer writes regardless."""
     training_args = TrainingArguments(
-        output_dir=str(Path(args.output_dir) / "checkpoints" / phase),
+        output_dir=workdir,
         max_steps=steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=lr,
@@ -91,25 +93,29 @@ def trainer_for(model, dataset, args, phase: str, steps: int, lr: float) -> Trai
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", required=True, help="writes DIR/base and DIR/adapter")
-    p.add_argument("--model", default=None, help="local path or Hub id of a causal LM (default: tiny random Llama)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--output_dir", required=True, help="writes DIR/base and DIR/adapter (nothing else)")
+    p.add_argument("--model", default=None, help="local path or Hub id of a causal LM; None: a tiny random Llama")
     p.add_argument("--density", type=float, default=0.02, help="K as a fraction of the targeted entries")
     p.add_argument("--dense_steps", type=int, default=80, help="optimizer updates of the dense phase")
     p.add_argument("--sparse_steps", type=int, default=80, help="optimizer updates of the sparse phase")
-    p.add_argument("--dense_lr", type=float, default=2e-3)
-    p.add_argument("--sparse_lr", type=float, default=1e-2, help="the sparse phase is stable at a higher rate")
+    p.add_argument("--dense_lr", type=float, default=2e-3, help="peak learning rate of the dense phase (AdamW)")
+    p.add_argument(
+        "--sparse_lr", type=float, default=1e-2, help="peak learning rate of the sparse phase, stable at a higher rate"
+    )
     p.add_argument("--l1_reg", type=float, default=0.1, help="lambda of the L1 term in both phases (0.1: paper's LM)")
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay, both phases")
+    p.add_argument("--batch_size", type=int, default=16, help="sequences per optimizer update")
+    p.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base weights, the data order and the Trainer")
     p.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="intra-op CPU threads (default: 1 for the tiny default model, which a second thread only "
-        "slows down on a busy 2-core machine; torch's default with --model)",
+        help="intra-op CPU threads; None: 1 for the tiny default model (a second thread only slows it down on a "
+        "busy 2-core machine), torch's default with --model",
     )
     args = p.parse_args(argv)
     if not 0 < args.density <= 1:
@@ -146,14 +152,16 @@ def main(argv=None) -> int:
     )
     model = get_peft_model(base, config)  # LT-SFT: starts in the dense phase
     print(f"\ndense phase: {args.dense_steps} updates of every targeted weight, lr {args.dense_lr}")
-    trainer_for(model, train_set, args, "dense", args.dense_steps, args.dense_lr).train()
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer_for(model, train_set, args, workdir, args.dense_steps, args.dense_lr).train()
     losses["after dense phase (theta1)"] = held_out_loss(model, held_set)
 
     report = peft_sparse.ltsft.select_and_rewind(model)  # LT-SFT: select K, rewind to theta0
     losses["after rewind (theta0)"] = held_out_loss(model, held_set)
 
     print(f"\nsparse phase: {args.sparse_steps} updates of the {report.total:,} selected values, lr {args.sparse_lr}")
-    trainer_for(model, train_set, args, "sparse", args.sparse_steps, args.sparse_lr).train()  # LT-SFT: new Trainer
+    with tempfile.TemporaryDirectory() as workdir:  # LT-SFT: a new Trainer
+        trainer_for(model, train_set, args, workdir, args.sparse_steps, args.sparse_lr).train()
     losses["LT-SFT (theta0 + phi)"] = held_out_loss(model, held_set)
     model.save_pretrained(out / "adapter")
 

@@ -142,7 +142,7 @@ def _train_ltsft(model, config, data_seed, steps=2, **inputs):
 
 
 def test_cross_lingual_recipe_composes_theta0_plus_task_plus_language_exactly(tmp_path):
-    """SPEC section 3: language SFTs by MLM; the task SFT is trained on theta0 + phi_src; inference uses
+    """Thesis §4.3.2, Algorithm 1: language SFTs by MLM; the task SFT is trained on theta0 + phi_src; inference uses
     theta0 + phi_task + phi_tgt."""
     mlm = tiny_bert_mlm()
     mlm_inputs = {"make": lambda ids: {"input_ids": ids, "labels": ids}}

@@ -1,4 +1,4 @@
-"""Reading and writing the formats of earlier implementations (SPEC section 6): composable-sft's pytorch_diff.bin
+"""Reading and writing the formats of earlier implementations : composable-sft's pytorch_diff.bin
 and the SpIEL reference fork's adapters."""
 
 from __future__ import annotations
@@ -40,13 +40,15 @@ def _raw(file) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- composable-sft
-def test_writer_uses_column_major_delta_encoding_with_a_numpy_first_step(tmp_path):
+def test_writer_uses_column_major_delta_encoding_with_plain_int_steps(tmp_path):
     # weight [3, 4]: row-major 1 = (0, 1), 4 = (1, 0), 11 = (2, 3) -> column-major 3, 1, 11
     file = write_composable_sft(tmp_path, {"w": ((3, 4), torch.tensor([1, 4, 11]), torch.tensor([1.0, 2.0, 3.0]))})
     assert file.name == SFT_FILE_NAME
     entry = _raw(file)["diffs"]["w"]
     assert entry["size"] == torch.Size([3, 4])
-    assert entry["index_steps"] == [1, 2, 8] and type(entry["index_steps"][0]) is np.int64
+    assert entry["index_steps"] == [1, 2, 8] and all(type(s) is int for s in entry["index_steps"])
+    # composable-sft reads with torch.load, whose default under torch >= 2.6 is weights_only=True without numpy
+    assert torch.load(file, weights_only=True)["diffs"]["w"]["index_steps"] == [1, 2, 8]
     assert torch.equal(entry["values"], torch.tensor([2.0, 1.0, 3.0]))  # sorted by column-major index
     sft = read_composable_sft(file)
     shape, indices, values = sft.diffs["w"]
@@ -101,8 +103,11 @@ def test_published_language_sft_on_a_tied_mlm_model(tmp_path):
 
 
 def test_legacy_numpy_module_path_and_sparse_body_format(tmp_path):
-    file = write_composable_sft(tmp_path, {"w": ((2, 3), torch.tensor([0, 5]), torch.tensor([1.0, 2.0]))})
-    # files written with numpy 1.x name numpy.core.multiarray.scalar
+    # composable-sft's own files hold a numpy int64 first step; with numpy 1.x it is named numpy.core.multiarray.scalar
+    file = tmp_path / SFT_FILE_NAME
+    entry = {"size": torch.Size([2, 3]), "index_steps": [np.int64(0), 5], "values": torch.tensor([1.0, 2.0])}
+    torch.save({"diffs": {"w": entry}, "abs": {}}, file)
+    assert read_composable_sft(file).diffs["w"][1].tolist() == [0, 5]
     with zipfile.ZipFile(file) as zin:
         contents = {name: zin.read(name) for name in zin.namelist()}
     renamed = tmp_path / "old.bin"
@@ -148,6 +153,88 @@ def test_unsafe_and_malformed_files_raise_clear_errors(tmp_path, monkeypatch):
     torch.save({"diffs": {"w": {"size": torch.Size([2]), "values": torch.ones(1)}}}, tmp_path / "keys.bin")
     with pytest.raises(ValueError, match="expected keys"):
         read_composable_sft(tmp_path / "keys.bin")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        # each step is in range but the running sum wraps around int64
+        (
+            {
+                "diffs": {
+                    "w": {
+                        "size": torch.Size([2**40, 2**22]),
+                        "index_steps": [1] + [2**62 - 1] * 3,
+                        "values": torch.ones(4),
+                    }
+                }
+            },
+            "sum to",
+        ),
+        ({"diffs": {"w": {"size": torch.Size([2, 3]), "index_steps": [0, 1.5], "values": torch.ones(2)}}}, "1.5"),
+        ({"diffs": {"w": {"size": torch.Size([2, 3]), "index_steps": [0, True], "values": torch.ones(2)}}}, "True"),
+        (
+            {
+                "diffs": {
+                    "w": {"size": torch.Size([2, 3]), "index_steps": torch.tensor([0.0, 2.0]), "values": torch.ones(2)}
+                }
+            },
+            "integer tensor",
+        ),
+        (
+            {
+                "diffs": {"w": {"size": torch.Size([2, 3]), "index_steps": [0], "values": torch.ones(1)}},
+                "body": {"w": torch.ones(2, 3).to_sparse()},
+            },
+            "given twice",
+        ),
+        ({"body": [torch.ones(2)]}, "'body' must be a dict"),
+        ({"diffs": {}, "head": "x"}, "'head' must be a dict"),
+        ({"diffs": {"w": {"size": 3, "index_steps": [0], "values": torch.ones(1)}}}, "size must be a sequence"),
+    ],
+    ids=[
+        "cumsum-overflow",
+        "float-step",
+        "bool-step",
+        "float-tensor",
+        "named-twice",
+        "legacy-body",
+        "legacy-head",
+        "size-int",
+    ],
+)
+def test_malformed_index_steps_and_structures_are_value_errors(tmp_path, data, message):
+    torch.save(data, tmp_path / "bad.bin")
+    with pytest.raises(ValueError, match=message):
+        read_composable_sft(tmp_path / "bad.bin")
+
+
+def test_a_parameter_named_with_and_without_prefix_is_refused(tmp_path):
+    model = tiny_bert_tagger()
+    name = "encoder.layer.0.output.dense.weight"
+    diff = ((32, 48), torch.tensor([1]), torch.ones(1))
+    write_composable_sft(tmp_path, {name: diff, "bert." + name: diff})
+    with pytest.raises(ValueError, match="names too"):
+        load_composable_sft(model, tmp_path)
+    assert not hasattr(model, "peft_config")
+
+
+def test_interrupted_write_keeps_the_existing_file(tmp_path, monkeypatch):
+    diff = {"w": ((2, 3), torch.tensor([0, 5]), torch.tensor([1.0, 2.0]))}
+    file = write_composable_sft(tmp_path, diff)
+    before = file.read_bytes()
+
+    def interrupted(obj, f, *args, **kwargs):
+        with open(f, "wb") as stream:
+            stream.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_composable_sft(tmp_path, {"w": ((2, 3), torch.tensor([1]), torch.tensor([3.0]))})
+    monkeypatch.undo()
+    assert file.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SFT_FILE_NAME]
 
 
 def test_names_and_shapes_that_do_not_fit_the_model(tmp_path):
@@ -231,6 +318,29 @@ def test_spiel_reference_loads_as_a_spiel_adapter(tmp_path, safetensors):
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     trainable = load_spiel_reference(rebuild(base), tmp_path, is_trainable=True)
     assert all(m.sparse_values["default"].requires_grad for m in trainable.modules() if isinstance(m, SpIELLayer))
+
+
+def test_spiel_reference_classification_adapter_with_implicit_head(tmp_path):
+    from helpers import tiny_llama_classifier
+
+    base = tiny_llama_classifier()
+    generator = torch.Generator().manual_seed(1)
+    module = "model.layers.0.self_attn.q_proj"
+    indices = torch.sort(torch.randperm(32 * 32, generator=generator)[:30]).values
+    values = torch.randn(30, generator=generator)
+    score = torch.randn(3, 32, generator=generator)
+    # PEFT 0.6 saved the score head for SEQ_CLS without listing it in modules_to_save
+    _write_spiel_reference(
+        tmp_path, {module: (indices, values)}, {"task_type": "SEQ_CLS"}, heads={"score.weight": score}
+    )
+    reference = rebuild(base)
+    with torch.no_grad():
+        reference.get_submodule(module).weight.view(-1)[indices] += values
+        reference.score.weight.copy_(score)
+    model = load_spiel_reference(rebuild(base), tmp_path)
+    ids = token_batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_spiel_reference_errors(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peft_sparse import SM3
-from peft_sparse.optim import reseed_optimizer_state
+from peft_sparse.optim import reseed_optimizer_state, sm3_accumulate
 
 
 def sm3_dense_reference(param, grads, lr, eps=1e-30):
@@ -44,6 +44,56 @@ def test_sm3_vector_momentum_and_weight_decay():
     # nu = g^2, update = g/|g| = sign(g); momentum buffer = 0.5 * sign(g); decay first
     expected = torch.tensor([1.0, -2.0]) * (1 - 0.05) - 0.5 * 0.5 * torch.tensor([1.0, 1.0])
     torch.testing.assert_close(param.detach(), expected)
+
+
+def sm3_masked_reference(rows, cols, steps):
+    """SM3-II accumulators over a full matrix where only masked entries exist, with explicit loops.
+
+    ``steps``: list of (mask, grad) over the full matrix. nu = min(r, c) + g^2 at each masked entry; every row and
+    column accumulator becomes the max of itself and the nu of its masked entries.
+    """
+    r, c = [0.0] * rows, [0.0] * cols
+    nus = []
+    for mask, g in steps:
+        nu = {}
+        for o in range(rows):
+            for i in range(cols):
+                if mask[o, i]:
+                    nu[o, i] = min(r[o], c[i]) + float(g[o, i]) ** 2
+        r = [max([r[o]] + [v for (oo, _), v in nu.items() if oo == o]) for o in range(rows)]
+        c = [max([c[i]] + [v for (_, ii), v in nu.items() if ii == i]) for i in range(cols)]
+        nus.append(nu)
+    return torch.tensor(r), torch.tensor(c), nus
+
+
+def test_sm3_accumulate_is_sm3_ii_across_a_reselection():
+    torch.manual_seed(1)
+    rows, cols = 6, 5
+    first = torch.randperm(rows * cols)[:8]
+    second = torch.cat([first[:3], torch.randperm(rows * cols)[:5]]).unique()  # positions change in between
+    steps = []
+    for positions, n in ((first, 3), (second, 3)):
+        mask = torch.zeros(rows * cols, dtype=torch.bool)
+        mask[positions] = True
+        for _ in range(n):
+            steps.append((mask.view(rows, cols), torch.randn(rows, cols) * 3))
+    r_ref, c_ref, nus = sm3_masked_reference(rows, cols, steps)
+    row_acc, col_acc = torch.zeros(rows), torch.zeros(cols)
+    for (mask, g), nu_ref in zip(steps, nus):
+        flat = mask.reshape(-1).nonzero().squeeze(1)
+        nu = sm3_accumulate(row_acc, col_acc, flat // cols, flat % cols, g.reshape(-1)[flat])
+        torch.testing.assert_close(nu, torch.tensor([nu_ref[int(p) // cols, int(p) % cols] for p in flat]))
+    torch.testing.assert_close(row_acc, r_ref)
+    torch.testing.assert_close(col_acc, c_ref)
+
+
+def test_sm3_accumulators_never_decrease_when_an_entry_moves():
+    # hand-computed: (0, 0) with g = 3 gives r0 = c0 = 9; then only (0, 1) with g = 1: nu = min(9, 0) + 1 = 1,
+    # and r0 stays max(9, 1) = 9 (SM3-II), c1 becomes 1
+    row_acc, col_acc = torch.zeros(2), torch.zeros(2)
+    sm3_accumulate(row_acc, col_acc, torch.tensor([0]), torch.tensor([0]), torch.tensor([3.0]))
+    nu = sm3_accumulate(row_acc, col_acc, torch.tensor([0]), torch.tensor([1]), torch.tensor([1.0]))
+    assert nu.tolist() == [1.0] and row_acc.tolist() == [9.0, 0.0] and col_acc.tolist() == [9.0, 1.0]
 
 
 @pytest.mark.parametrize("field,value", [("lr", 0.0), ("momentum", 1.0), ("weight_decay", -1.0), ("eps", -1.0)])

@@ -298,12 +298,6 @@ def test_transformers_load_adapter(tmp_path):
     torch.testing.assert_close(logits(model, tokens), logits(reference, tokens), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="transformers' load_adapter copies checkpoint tensors into the injected ones itself: a delta with another "
-    "number of entries than the config's budget (here from add_weighted_adapter) fails with a size mismatch",
-)
 def test_transformers_load_adapter_with_other_entry_count(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
@@ -320,11 +314,6 @@ def test_transformers_load_adapter_with_other_entry_count(tmp_path):
     torch.testing.assert_close(logits(model, tokens), logits(reference, tokens), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="transformers' load_adapter bypasses the checks of PeftModel.from_pretrained: duplicate indices load",
-)
 def test_transformers_load_adapter_rejects_bad_file(tmp_path):
     _save_base_and_adapter(tmp_path)
     tensors = load_file(tmp_path / "adapter" / ADAPTER_FILE)
@@ -692,7 +681,13 @@ def test_targeting_fields_and_budgets():
 
     # budgets, counted by hand: shapes q [32, 32], v [16, 32], down [32, 48]
     sizes = {"q_proj": 32 * 32, "v_proj": 16 * 32, "down_proj": 32 * 48}
+    # LoRA r = 2 over both layers: 2 * 2 * ((32 + 32) + (16 + 32) + (32 + 48)) = 768 parameters, spread at equal
+    # density over 2 * (1024 + 512 + 1536) = 6144 entries: density 1/8 exactly -> q 128, v 64, down 192
     picked = targets(target_modules=list(sizes), match_lora_rank=2)
+    expected = {"q_proj": 128, "v_proj": 64, "down_proj": 192}
+    for name, layer in picked.items():
+        assert layer.sparse_indices["default"].numel() == expected[name.rsplit(".", 1)[1]], name
+    picked = targets(target_modules=list(sizes), match_lora_rank=2, budget_allocation="lora_per_tensor")
     for name, layer in picked.items():
         rows, cols = layer.get_base_layer().weight.shape
         assert layer.sparse_indices["default"].numel() == 2 * (rows + cols), name
@@ -719,6 +714,9 @@ def test_targeting_fields_and_budgets():
         ({"delta_dtype": "int8"}, "delta_dtype", "'int8'"),
         ({"kernel_backend": "cuda"}, "kernel_backend", "'cuda'"),
         ({"total_steps": 0}, "total_steps", "0"),
+        ({"budget_allocation": "per_tensor"}, "budget_allocation", "'per_tensor'"),
+        ({"drop_criterion": "age"}, "drop_criterion", "'age'"),
+        ({"regrow_dropped": "yes"}, "regrow_dropped", "'yes'"),
     ],
 )
 def test_invalid_config_values_raise(kwargs, field, value):

@@ -13,26 +13,42 @@ from peft_sparse.selection import (
     grow_random,
     in_estimation_phase,
     is_member,
+    is_reselection_step,
     replace_entries,
     reselection_count,
 )
 
 
-def test_first_reselection_replaces_everything_then_linear_and_cosine_decay():
-    assert reselection_count(20, 1000, 20, 0.2, 100) == 1000
-    assert reselection_count(40, 1000, 20, 0.2, 100) == int(0.2 * (1 - 40 / 100) * 1000)
-    assert reselection_count(40, 1000, 20, 0.2, 100, "cosine") == int(0.1 * (1 + math.cos(math.pi * 0.4)) * 1000)
-    assert reselection_count(41, 1000, 20, 0.2, 100) == 0  # not a reselection step
-    assert reselection_count(100, 1000, 20, 0.2, 100) == 0  # t = T
-    assert reselection_count(60, 1000, 20, 0.2, None) == 200  # T unknown: constant rate
+def test_first_reselection_after_gamma_replaces_everything_then_linear_and_cosine_decay():
+    # thesis eq. 7.6 and the reference schedule: reselections after updates gamma, S + gamma, 2S + gamma, ...
+    count = reselection_count
+    assert [t for t in range(1, 70) if count(t, 1000, 20, 0.2, 100, accumulation_steps=5)] == [5, 25, 45, 65]
+    assert count(5, 1000, 20, 0.2, 100, accumulation_steps=5) == 1000
+    assert count(20, 1000, 20, 0.2, 100, accumulation_steps=5) == 0  # the old first reselection point
+    assert count(25, 1000, 20, 0.2, 100, accumulation_steps=5) == int(0.2 * (1 - 25 / 100) * 1000)
+    cosine = count(45, 1000, 20, 0.2, 100, "cosine", accumulation_steps=5)
+    assert cosine == int(0.1 * (1 + math.cos(math.pi * 0.45)) * 1000)
+    assert count(26, 1000, 20, 0.2, 100, accumulation_steps=5) == 0  # not a reselection step
+    assert count(45, 1000, 20, 0.2, 45, accumulation_steps=5) == 0  # t = T
+    assert count(5, 1000, 20, 0.2, 5, accumulation_steps=5) == 0  # t = T, even the first
+    assert count(65, 1000, 20, 0.2, None, accumulation_steps=5) == 200  # T unknown: constant rate
+    assert count(20, 1000, 20, 0.2, 100, accumulation_steps=20) == 1000  # gamma = S
     with pytest.raises(ValueError, match="reselection_schedule"):
-        reselection_count(40, 1000, 20, 0.2, 100, "step")
+        count(25, 1000, 20, 0.2, 100, "step", accumulation_steps=5)
+
+
+def test_is_reselection_step_follows_gamma_then_every_s():
+    assert [t for t in range(0, 40) if is_reselection_step(t, 10, None, 3)] == [3, 13, 23, 33]
+    assert [t for t in range(0, 40) if is_reselection_step(t, 10, 23, 3)] == [3, 13]
+    assert [t for t in range(0, 25) if is_reselection_step(t, 4, None, 4)] == [4, 8, 12, 16, 20, 24]
 
 
 def test_estimation_phase_is_the_gamma_updates_before_each_reselection():
+    # S = 5, gamma = 2: reselections after 2, 7, 12, 17; phases 1-2, 6-7, 11-12, 16-17
     phase = [t for t in range(1, 21) if in_estimation_phase(t, 5, 2, None)]
-    assert phase == [4, 5, 9, 10, 14, 15, 19, 20]
-    assert [t for t in range(1, 21) if in_estimation_phase(t, 5, 2, 10)] == [4, 5]  # no reselection at t >= T
+    assert phase == [1, 2, 6, 7, 11, 12, 16, 17]
+    assert [t for t in range(1, 21) if in_estimation_phase(t, 5, 2, 10)] == [1, 2, 6, 7]  # none at t >= T
+    assert [t for t in range(1, 13) if in_estimation_phase(t, 4, 4, None)] == list(range(1, 13))  # gamma = S
 
 
 def test_budgets():
@@ -42,11 +58,33 @@ def test_budgets():
     assert sum(spread) == 50
     for k, (r, c) in zip(spread, shapes):
         assert abs(k - 50 * r * c / 303) < 1
-    assert allocate_budgets(shapes, match_lora_rank=2) == [24, 64, 15]  # capped at numel
+    # LoRA r=2 on these shapes has 2*(12 + 32 + 8) = 104 parameters; spread at equal density over 303 entries:
+    # exact shares 104*32/303 = 10.98, 104*256/303 = 87.87, 104*15/303 = 5.15 -> 10, 87, 5 + 2 by largest remainder
+    assert allocate_budgets(shapes, match_lora_rank=2) == [11, 88, 5]
+    assert allocate_budgets(shapes, match_lora_rank=2, allocation="lora_per_tensor") == [24, 64, 15]  # capped
+    assert allocate_budgets(shapes, match_lora_rank=100) == [32, 256, 15]  # more than all entries: everything
+    with pytest.raises(ValueError, match="budget_allocation"):
+        allocate_budgets(shapes, match_lora_rank=2, allocation="per_tensor")
     with pytest.raises(ValueError, match="exceeds"):
         allocate_budgets(shapes, num_tunable_weights=304)
     with pytest.raises(ValueError, match="exactly one"):
         allocate_budgets(shapes, density=0.1, match_lora_rank=2)
+
+
+def test_match_lora_rank_is_lora_total_at_equal_density_on_llama_7b_shapes():
+    # Llama-7B attention (4096 x 4096) and MLP (11008 x 4096) shapes, LoRA r = 8 on q, k, v, o, gate, up, down
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]
+    lora_total = 4 * 8 * 8192 + 3 * 8 * 15104  # 262144 + 362496 = 624640
+    budgets = allocate_budgets(shapes, match_lora_rank=8)
+    assert sum(budgets) == lora_total
+    entries = 4 * 4096 * 4096 + 3 * 11008 * 4096
+    density = lora_total / entries  # 624640 / 202375168
+    for k, (r, c) in zip(budgets, shapes):
+        assert abs(k - density * r * c) < 1
+    # exact shares 51783.63 (x4) and 139168.50 (x3): floors leave 4 over, which go to the larger remainders
+    assert budgets == [51784] * 4 + [139168] * 3
+    per_tensor = allocate_budgets(shapes, match_lora_rank=8, allocation="lora_per_tensor")
+    assert per_tensor == [65536] * 4 + [120832] * 3
 
 
 def test_drop_smallest_orders_by_magnitude_with_stable_ties():
@@ -108,3 +146,18 @@ def test_replace_entries_keeps_regrown_slots_and_never_drops_more_than_grown():
     assert sorted(updated.tolist()) == [12, 13, 14, 15, 40, 99]
     empty = replace_entries(indices, values, 0, grow)
     assert all(t.numel() == 0 for t in empty)
+
+
+def test_replace_entries_excluding_dropped_positions_grows_only_inactive_ones():
+    # the SpIEL reference's MA rule: every currently active position is excluded from growth
+    indices = torch.tensor([40, 11, 12, 13, 14, 15], dtype=torch.int32)
+    values = torch.tensor([0.9, 0.01, 0.02, 0.03, 0.8, 0.7])
+    seen = {}
+
+    def grow(excluded, k):
+        seen["excluded"] = excluded.tolist()
+        return torch.tensor([99, 7, 50])
+
+    slots, new_positions, chosen = replace_entries(indices, values, 3, grow, exclude_dropped=True)
+    assert seen["excluded"] == [11, 12, 13, 14, 15, 40]
+    assert slots.tolist() == [1, 2, 3] and new_positions.tolist() == [99, 7, 50]

@@ -11,15 +11,21 @@ from .compose import compose_adapters, sparsify
 from .optim import SM3
 from .training import install as _install_training_hooks
 from .training import set_total_steps
+from .training.precision import install as _install_precision_checks
 from .tuners import LTSFTConfig, LTSFTLayer, LTSFTModel, SpIELConfig, SpIELLayer, SpIELModel, ltsft, sparse_deltas
+from .tuners.loading import AdapterLoadError
+from .tuners.loading import install as _install_loading_guards
 
 __version__ = "0.1.0"
 
 register_method("spiel", SpIELConfig, SpIELModel)
 register_method("ltsft", LTSFTConfig, LTSFTModel)
 _install_training_hooks()
+_install_loading_guards()
+_install_precision_checks()
 
 __all__ = [
+    "AdapterLoadError",
     "SM3",
     "LTSFTConfig",
     "LTSFTLayer",

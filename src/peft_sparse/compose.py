@@ -1,4 +1,4 @@
-"""Composing sparse fine-tunings, and turning a dense fine-tune into one (SPEC sections 0 and 3).
+"""Composing sparse fine-tunings, and turning a dense fine-tune into one (thesis §4.3.2, eq. 7.9).
 
 Composition is addition: ``theta0 + sum_j w_j * phi_j``. ``compose_adapters`` does it on saved adapters (SpIEL or
 LT-SFT, in any mix) and writes one LT-SFT adapter; ``PeftModel.add_weighted_adapter`` does it in memory.
@@ -18,6 +18,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._atomic import replace_directory
 from .delta import check_delta, combine
 from .selection.topk import ChangeSource, largest_changes, largest_changes_per_tensor
 from .tuners.ltsft import LTSFTConfig
@@ -126,11 +127,12 @@ def compose_adapters(
         task_type=next((c.get("task_type") for c in configs if c.get("task_type")), None),
         inference_mode=True,
     )
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    new_config.save_pretrained(str(output_dir))
-    save_file(out, str(output_dir / SAFETENSORS_NAME), metadata={"format": "pt"})
-    return output_dir
+    def fill(directory: Path) -> None:
+        new_config.save_pretrained(str(directory))
+        save_file(out, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+
+    # config and weights change together: an interruption leaves the old adapter or the new one, never a mix
+    return replace_directory(output_dir, fill, (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME))
 
 
 def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -34,7 +34,7 @@ def _ptxas_available() -> bool:
 def test_every_kernel_compiles_for_cuda(arch):
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--arch", str(arch)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, str(SCRIPT), "--arch", str(arch)], capture_output=True, text=True, env=env
     )
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     failed = [(r["kernel"], r["variant"], r["error"]) for r in records if not r["ok"]]

@@ -1,4 +1,5 @@
-"""Readers and writers for the formats of earlier implementations (SPEC section 6)."""
+"""Readers and writers for the formats of earlier implementations: composable-sft (LT-SFT) and the SpIEL reference
+implementation."""
 
 from .composable_sft import (
     SFT_FILE_NAME,

@@ -1,8 +1,9 @@
-"""composable-sft's ``pytorch_diff.bin`` (the LT-SFT reference implementation), SPEC section 6.
+"""composable-sft's ``pytorch_diff.bin`` (the LT-SFT reference implementation).
 
 The file is a pickle (``torch.save``) of ``{"diffs": {param: {"size": torch.Size, "index_steps": [...],
 "values": Tensor}}, "abs": {param: Tensor}}``. ``index_steps`` delta-encodes the sorted flat indices in COLUMN-major
-order (the first dimension varies fastest); its first element is a numpy int64. ``abs`` holds dense head
+order (the first dimension varies fastest); composable-sft writes its first element as a numpy int64, we write plain
+ints (readable by ``torch.load(weights_only=True)``, torch's default since 2.6). ``abs`` holds dense head
 parameters. Older files use ``"body"`` (torch sparse COO tensors) and ``"head"`` instead.
 
 Reading uses ``torch.load(weights_only=True)`` with an explicit allow-list (numpy's scalar and dtype), never an
@@ -11,6 +12,7 @@ unrestricted unpickler.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
+from .._atomic import atomic_write
 from ..tuners.sparse_model import sparse_deltas
 
 SFT_FILE_NAME = "pytorch_diff.bin"
@@ -101,15 +104,24 @@ def read_composable_sft(path: PathLike) -> ComposableSFT:
     unknown = set(data) - {"diffs", "abs", "body", "head"}
     if unknown:
         raise ValueError(f"{file}: unexpected top-level keys {sorted(unknown)}; expected 'diffs' and 'abs'")
+    for section in ("diffs", "abs", "body", "head"):
+        if data.get(section) is not None and not isinstance(data[section], dict):
+            kind = type(data[section]).__name__
+            raise ValueError(f"{file}: {section!r} must be a dict of parameter names, got {kind}")
     out = ComposableSFT()
-    for name, entry in (data.get("diffs") or {}).items():
-        out.diffs[name] = _decode_diff(entry, f"{file}: diffs[{name!r}]")
-    for name, tensor in (data.get("body") or {}).items():
-        out.diffs[name] = _decode_sparse_tensor(tensor, f"{file}: body[{name!r}]")
-    for name, tensor in {**(data.get("head") or {}), **(data.get("abs") or {})}.items():
-        if not torch.is_tensor(tensor):
-            raise ValueError(f"{file}: abs[{name!r}] must be a tensor, got {type(tensor).__name__}")
-        out.abs[name] = tensor
+    decoded = [(n, _decode_diff(e, f"{file}: diffs[{n!r}]")) for n, e in (data.get("diffs") or {}).items()]
+    decoded += [(n, _decode_sparse_tensor(t, f"{file}: body[{n!r}]")) for n, t in (data.get("body") or {}).items()]
+    for name, diff in decoded:
+        if not isinstance(name, str) or name in out.diffs:
+            raise ValueError(f"{file}: parameter name {name!r} is not a string or is given twice (diffs and body)")
+        out.diffs[name] = diff
+    for section in ("head", "abs"):
+        for name, tensor in (data.get(section) or {}).items():
+            if not torch.is_tensor(tensor):
+                raise ValueError(f"{file}: {section}[{name!r}] must be a tensor, got {type(tensor).__name__}")
+            if not isinstance(name, str) or name in out.abs:
+                raise ValueError(f"{file}: parameter name {name!r} is not a string or is given twice (head and abs)")
+            out.abs[name] = tensor
     return out
 
 
@@ -124,25 +136,48 @@ def _decode_diff(entry: object, where: str) -> tuple[tuple[int, ...], torch.Tens
     values = entry["values"]
     if not torch.is_tensor(values) or values.dim() != 1 or not values.dtype.is_floating_point:
         raise ValueError(f"{where}: values must be a 1-D floating-point tensor")
-    steps = entry["index_steps"]
-    try:
-        steps = torch.as_tensor(np.asarray(steps.cpu() if torch.is_tensor(steps) else steps, dtype=np.int64))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: index_steps must be a list of integers") from err
-    if steps.dim() != 1 or steps.numel() != values.numel():
+    steps = _integer_steps(entry["index_steps"], where)
+    if steps.numel() != values.numel():
         raise ValueError(f"{where}: {steps.numel()} index_steps but {values.numel()} values")
-    numel = int(np.prod(shape)) if shape else 1
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{where}: size must be non-negative, got {shape}")
+    numel = math.prod(shape)
     if steps.numel():
         if int(steps[0]) < 0 or (steps.numel() > 1 and int(steps[1:].min()) <= 0):
             raise ValueError(f"{where}: index_steps must encode strictly increasing non-negative indices")
+        if int(steps.max()) >= numel:
+            raise ValueError(f"{where}: index_steps holds {int(steps.max())}, out of range for size {shape}")
         columns = torch.cumsum(steps, 0)
-        if int(columns[-1]) >= numel:
-            raise ValueError(f"{where}: index {int(columns[-1])} is out of range for size {shape} ({numel} entries)")
+        # a sum that wrapped around int64 shows as a decrease
+        if steps.numel() > 1 and not bool((columns[1:] > columns[:-1]).all()) or int(columns[-1]) >= numel:
+            raise ValueError(
+                f"{where}: index_steps sum to {sum(int(s) for s in steps.tolist())}, out of range for size {shape} "
+                f"({numel} entries)"
+            )
     else:
         columns = steps
     rows = column_to_row_major(columns, shape)
     order = torch.argsort(rows)
     return shape, rows[order], values[order]
+
+
+def _integer_steps(steps: object, where: str) -> torch.Tensor:
+    """``index_steps`` (a list of ints or numpy integers, or an integer tensor) as a 1-D int64 tensor."""
+    if torch.is_tensor(steps):
+        if steps.dtype.is_floating_point or steps.dtype.is_complex or steps.dtype == torch.bool or steps.dim() != 1:
+            raise ValueError(f"{where}: index_steps must be a 1-D integer tensor, got dtype {steps.dtype}")
+        return steps.cpu().to(torch.int64)
+    if isinstance(steps, np.ndarray):
+        steps = steps.tolist()
+    if not isinstance(steps, (list, tuple)):
+        raise ValueError(f"{where}: index_steps must be a list of integers, got {type(steps).__name__}")
+    bad = next((s for s in steps if isinstance(s, bool) or not isinstance(s, (int, np.integer))), None)
+    if bad is not None:
+        raise ValueError(f"{where}: index_steps must be integers, got {bad!r}")
+    try:
+        return torch.tensor([int(s) for s in steps], dtype=torch.int64)
+    except RuntimeError as err:  # beyond int64
+        raise ValueError(f"{where}: index_steps holds a value beyond int64 ({err})") from err
 
 
 def _decode_sparse_tensor(tensor: object, where: str) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
@@ -173,10 +208,12 @@ def write_composable_sft(
         columns = row_to_column_major(indices.cpu(), tuple(shape))
         order = torch.argsort(columns)
         columns, ordered = columns[order], values.detach().cpu()[order]
-        steps = [] if columns.numel() == 0 else [np.int64(int(columns[0]))] + torch.diff(columns).tolist()
+        # plain ints: numpy scalars need an allow-list under torch.load(weights_only=True), torch's default since 2.6
+        steps = [] if columns.numel() == 0 else [int(columns[0])] + torch.diff(columns).tolist()
         encoded[name] = {"size": torch.Size(shape), "index_steps": steps, "values": ordered.clone()}
-    torch.save({"diffs": encoded, "abs": {k: v.detach().cpu().clone() for k, v in (abs or {}).items()}}, file)
-    return file
+    data = {"diffs": encoded, "abs": {k: v.detach().cpu().clone() for k, v in (abs or {}).items()}}
+    # written beside and renamed over: an interrupted write never truncates an existing file
+    return atomic_write(file, lambda tmp: torch.save(data, tmp))
 
 
 def save_composable_sft(model: nn.Module, path: PathLike, adapter_name: str | None = None) -> Path:
@@ -228,12 +265,16 @@ def load_composable_sft(
     sft = read_composable_sft(path)
     where = sft_file(path)
     params = dict(model.named_parameters(remove_duplicate=False))
-    deltas, errors = {}, []
+    deltas, errors, seen = {}, [], {}
     for name, (shape, indices, values) in sft.diffs.items():
         resolved = _resolve_name(name, model, params)
         if resolved is None:
             errors.append(f"{name}: no such parameter in {type(model).__name__}")
             continue
+        if resolved in seen:
+            errors.append(f"{name}: names the parameter {resolved!r}, which {seen[resolved]!r} names too")
+            continue
+        seen[resolved] = name
         module, _, kind = resolved.rpartition(".")
         if kind not in ("weight", "bias"):
             errors.append(f"{name}: only weights and biases can hold a sparse delta")
@@ -246,6 +287,10 @@ def load_composable_sft(
     if with_heads:
         for name, tensor in sft.abs.items():
             resolved = _resolve_name(name, model, params)
+            if resolved is not None and resolved in seen:
+                errors.append(f"{name} (abs): names the parameter {resolved!r}, which {seen[resolved]!r} names too")
+                continue
+            seen[resolved] = name
             if resolved is None:
                 errors.append(
                     f"{name} (abs): no such parameter in {type(model).__name__}; pass with_heads=False to "

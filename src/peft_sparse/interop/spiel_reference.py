@@ -1,4 +1,4 @@
-"""Adapters saved by the SpIEL reference fork of PEFT (``peft_type: "SFT"``), SPEC section 6.
+"""Adapters saved by the SpIEL reference fork of PEFT (``peft_type: "SFT"``).
 
 Keys ``base_model.model.<module>.sft_delta.values`` (float) and ``.sft_delta.indices`` (int32, flat row-major),
 ``num_deltas`` (module -> K) in ``adapter_config.json``; ``adapter_model.bin`` by default, or ``.safetensors``.
@@ -26,6 +26,11 @@ from ..tuners.spiel import SpIELConfig
 
 PathLike = str | os.PathLike
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.sft_delta(?:\.[^.]+)?\.(?P<field>values|indices)$")
+_TASK_HEADS = {  # task_type -> heads PEFT adds to modules_to_save by itself
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 _HYPERPARAMETERS = {  # reference config name -> SpIELConfig name
     "reselection_steps": "reselection_steps",
     "selection_accumulation_steps": "accumulation_steps",
@@ -68,6 +73,10 @@ def load_spiel_reference(
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     heads: dict[str, torch.Tensor] = {}
     saved = list(config.get("modules_to_save") or [])
+    # PEFT 0.6, which the reference forks, saved the task head of classification and QA models without listing it
+    for head in _TASK_HEADS.get(str(config.get("task_type")), ()):
+        if head not in saved and any(k.removeprefix("base_model.model.").startswith(head + ".") for k in tensors):
+            saved.append(head)
     errors = []
     for key, tensor in tensors.items():
         match = _KEY.match(key)

@@ -1,7 +1,10 @@
-"""Setting the optimizer state of regrown sparse entries (SPEC section 1).
+"""Setting the optimizer state of regrown sparse entries (thesis §7.3.1).
 
 A slot that receives a new position must not inherit the moments of the entry dropped from it. Adam-family state is
-re-seeded so that the bias-corrected moments equal the given estimates (or zero); SM3's per-entry momentum is
+re-seeded so that the bias-corrected moments equal the given estimates (or zero): for torch Adam/AdamW, whose steps
+are bias-corrected by each entry's age (``peft_sparse.optim.age``), the estimates are scaled by ``1 - beta**age``
+with the age the grown entry starts with (as the SpIEL reference implementation does); for other Adam-like
+optimizers by ``1 - beta**step`` with their global step. SM3's per-entry momentum is
 zeroed (its row/column accumulators describe positions, not slots, and stay). Any other optimizer has its per-entry
 state tensors zeroed at the slots, logged once; state of another shape cannot be re-seeded and raises.
 """
@@ -13,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .age import supports_per_entry_age
 from .sm3 import SM3
 
 logger = logging.getLogger(__name__)
@@ -32,12 +36,14 @@ def reseed_optimizer_state(
     slots: torch.Tensor,
     first_moment: Optional[torch.Tensor] = None,
     second_moment: Optional[torch.Tensor] = None,
+    age: Optional[int] = None,
 ) -> None:
     """Re-seed ``optimizer``'s state of ``param`` at ``slots``.
 
     With ``first_moment``/``second_moment`` (estimates of the mean gradient and mean squared gradient of the new
-    entries) and an Adam-family optimizer, ``exp_avg``/``exp_avg_sq`` are set so that after bias correction at the
-    current step they equal the estimates; otherwise the per-entry state at ``slots`` becomes zero.
+    entries) and an Adam-family optimizer, ``exp_avg``/``exp_avg_sq`` are set so that after bias correction they equal
+    the estimates: by ``age`` (the updates the estimates stand for) for torch Adam/AdamW, otherwise by the current
+    global step. Without estimates the per-entry state at ``slots`` becomes zero.
     """
     state = optimizer.state.get(param)
     if not state or slots.numel() == 0:
@@ -45,6 +51,8 @@ def reseed_optimizer_state(
     slots = slots.to(param.device)
     if "exp_avg" in state and "exp_avg_sq" in state:
         step = float(state["step"]) if "step" in state else 0.0
+        if age is not None and supports_per_entry_age(optimizer):
+            step = float(age)
         beta1, beta2 = _group_of(optimizer, param)["betas"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if first_moment is not None and second_moment is not None and step > 0:

@@ -2,7 +2,8 @@
 
 For a sparse delta of a ``[rows, cols]`` weight, SM3 keeps a row accumulator (``rows`` numbers) and a column
 accumulator (``cols`` numbers) instead of Adam's two moments per entry. Per entry the second-moment estimate is
-``nu = min(r[o], c[i]) + g**2``; then ``r`` and ``c`` take the maximum ``nu`` over their entries (SM3-II).
+``nu = min(r[o], c[i]) + g**2``; then each row and column accumulator becomes the maximum of itself and the ``nu``
+of its entries (SM3-II, Anil et al. 2019, Algorithm 2), so accumulators never decrease.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ def sm3_accumulate(
 ) -> torch.Tensor:
     """One SM3-II accumulator update for entries at ``(rows, cols)`` with gradient ``grad``; returns ``nu``.
 
-    ``row_acc``/``col_acc`` (float32) are updated in place: each row/column touched takes the max ``nu`` of its
-    entries; untouched rows and columns keep their value.
+    ``row_acc``/``col_acc`` (float32) are updated in place: each row/column becomes the max of its current value and
+    the ``nu`` of its entries (SM3-II); rows and columns without entries keep their value.
     """
     g = grad.float()
     nu = torch.minimum(row_acc[rows], col_acc[cols]) + g * g
-    row_acc.scatter_reduce_(0, rows, nu, reduce="amax", include_self=False)
-    col_acc.scatter_reduce_(0, cols, nu, reduce="amax", include_self=False)
+    row_acc.scatter_reduce_(0, rows, nu, reduce="amax", include_self=True)
+    col_acc.scatter_reduce_(0, cols, nu, reduce="amax", include_self=True)
     return nu
 
 

@@ -1,8 +1,10 @@
-"""How a budget of tunable entries is spread over the targeted weights (SPEC section 1)."""
+"""How a budget of tunable entries is spread over the targeted weights (thesis §7.3.1, footnote 2)."""
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
+
+BUDGET_ALLOCATIONS = ("equal_density", "lora_per_tensor")
 
 
 def allocate_budgets(
@@ -10,12 +12,16 @@ def allocate_budgets(
     density: Optional[float] = None,
     num_tunable_weights: Optional[int] = None,
     match_lora_rank: Optional[int] = None,
+    allocation: str = "equal_density",
 ) -> list[int]:
     """Number of tunable entries for each weight of ``shapes``; exactly one of the three budgets is given.
 
-    ``density``: the same fraction of every weight (rounded). ``num_tunable_weights``: that total, spread in
-    proportion to each weight's size (largest remainder, so the total is exact). ``match_lora_rank`` r:
-    ``r * (rows + cols)`` per weight, LoRA's parameter count at rank r (capped at the weight's size).
+    ``density``: the same fraction of every weight (rounded). ``num_tunable_weights``: that total, spread at equal
+    density, i.e. in proportion to each weight's size (largest remainder, so the total is exact). ``match_lora_rank``
+    r: the total parameter count of LoRA at rank r, ``sum of r * (rows + cols)`` over the weights, spread at equal
+    density like ``num_tunable_weights`` (thesis §7.3.1, footnote 2). ``allocation="lora_per_tensor"`` instead gives
+    each weight LoRA's own count ``r * (rows + cols)`` (capped at the weight's size); it only affects
+    ``match_lora_rank``.
     """
     given = [
         name
@@ -28,11 +34,16 @@ def allocate_budgets(
     ]
     if len(given) != 1:
         raise ValueError(f"exactly one of density, num_tunable_weights, match_lora_rank must be set, got {given}")
+    if allocation not in BUDGET_ALLOCATIONS:
+        raise ValueError(f"budget_allocation must be one of {BUDGET_ALLOCATIONS}, got {allocation!r}")
     sizes = [int(r) * int(c) for r, c in shapes]
     if density is not None:
         return [min(n, round(density * n)) for n in sizes]
     if match_lora_rank is not None:
-        return [min(n, match_lora_rank * (int(r) + int(c))) for n, (r, c) in zip(sizes, shapes)]
+        per_tensor = [match_lora_rank * (int(r) + int(c)) for r, c in shapes]
+        if allocation == "lora_per_tensor":
+            return [min(n, k) for n, k in zip(sizes, per_tensor)]
+        num_tunable_weights = min(sum(per_tensor), sum(sizes))
     total = sum(sizes)
     if num_tunable_weights > total:
         raise ValueError(

@@ -1,7 +1,7 @@
-"""Drop and grow: pure functions on index/value/statistic tensors (SPEC section 1).
+"""Drop and grow: pure functions on index/value/statistic tensors (thesis §7.3.1, §7.3.2).
 
 Positions are flat row-major int64 indices into a weight. "Excluded" positions are the active entries that are
-kept, passed sorted; growth never returns them, so indices stay unique.
+kept (or all active entries), passed sorted; growth never returns them, so indices stay unique.
 """
 
 from __future__ import annotations
@@ -87,14 +87,17 @@ def replace_entries(
     k: int,
     grow: Callable[[torch.Tensor, int], torch.Tensor],
     positions_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    exclude_dropped: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plan one drop-and-grow of ``k`` entries; returns ``(slots, new_positions, chosen)``.
 
-    Drops the ``k`` smallest ``|values|``, then asks ``grow(excluded_sorted, k)`` for up to ``k`` growth choices
-    (positions, or handles that ``positions_of`` maps to positions) among all positions but the kept ones. A dropped
-    position that is grown again keeps its slot, value and optimizer state; each remaining new position takes a
-    freed slot, smallest ``|value|`` first, so no more entries are dropped than grown. ``chosen`` are the growth
-    choices that received a slot (aligned with ``new_positions``).
+    Drops the ``k`` smallest ``|values|`` (``values`` may be any per-entry drop score, e.g. the change since the last
+    reselection), then asks ``grow(excluded_sorted, k)`` for up to ``k`` growth choices (positions, or handles that
+    ``positions_of`` maps to positions) among all positions but the kept ones, or, with ``exclude_dropped``, among
+    all positions not currently active (the SpIEL reference's MA rule). A dropped position that is grown again keeps
+    its slot, value and optimizer state (the reference's AG rule); each remaining new position takes a freed slot,
+    smallest ``|value|`` first, so no more entries are dropped than grown. ``chosen`` are the growth choices that
+    received a slot (aligned with ``new_positions``).
     """
     device = indices.device
     empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -103,7 +106,7 @@ def replace_entries(
     drop = drop_smallest(values, k)
     keep = torch.ones(indices.numel(), dtype=torch.bool, device=device)
     keep[drop] = False
-    excluded = torch.sort(indices[keep].long()).values
+    excluded = torch.sort((indices if exclude_dropped else indices[keep]).long()).values
     choices = grow(excluded, k)
     grown = (positions_of(choices) if positions_of is not None else choices).to(device=device, dtype=torch.long)
     dropped_positions = indices[drop].long()

@@ -1,4 +1,11 @@
-"""When reselection happens and how many entries it replaces (SPEC section 1, thesis eq. 7.6)."""
+"""When reselection happens and how many entries it replaces (thesis §7.3.1, eq. 7.6).
+
+With S = ``reselection_steps``, gamma = ``accumulation_steps`` and T = ``total_steps``, reselection follows
+optimizer updates gamma, S + gamma, 2S + gamma, ... (those before T), as in the SpIEL reference implementation: the
+first one comes right after the first gamma updates, so the random initial positions are trained only that long. For
+SpIEL-AG the gradient-estimation phase is the gamma updates that end at each reselection (the first phase is updates
+1..gamma).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,11 @@ from typing import Optional
 SCHEDULES = ("linear", "cosine")
 
 
-def is_reselection_step(step: int, reselection_steps: int, total_steps: Optional[int]) -> bool:
-    """True if reselection follows optimizer update number ``step`` (1-based): every S updates, before T."""
-    if step <= 0 or step % reselection_steps:
+def is_reselection_step(
+    step: int, reselection_steps: int, total_steps: Optional[int], accumulation_steps: int
+) -> bool:
+    """True if reselection follows optimizer update ``step`` (1-based): updates gamma, S + gamma, ... before T."""
+    if step < accumulation_steps or step <= 0 or (step - accumulation_steps) % reselection_steps:
         return False
     return total_steps is None or step < total_steps
 
@@ -24,8 +33,9 @@ def in_estimation_phase(
     """
     if next_step <= 0:
         return False
-    reselection_at = math.ceil(next_step / reselection_steps) * reselection_steps
-    if not is_reselection_step(reselection_at, reselection_steps, total_steps):
+    rounds = max(0, math.ceil((next_step - accumulation_steps) / reselection_steps))
+    reselection_at = accumulation_steps + rounds * reselection_steps
+    if not is_reselection_step(reselection_at, reselection_steps, total_steps, accumulation_steps):
         return False
     return reselection_at - next_step < accumulation_steps
 
@@ -37,16 +47,18 @@ def reselection_count(
     rate: float,
     total_steps: Optional[int],
     schedule: str = "linear",
+    *,
+    accumulation_steps: int,
 ) -> int:
     """Number of entries of a ``budget``-entry delta to drop and regrow after update ``step``.
 
-    The first reselection (``step == reselection_steps``) replaces all entries, since the initial indices are random.
+    The first reselection (``step == accumulation_steps``) replaces all entries, since the initial indices are random.
     Afterwards ``rate * (1 - t/T) * budget`` (linear) or ``rate/2 * (1 + cos(pi t / T)) * budget`` (cosine), rounded
-    down; with ``total_steps`` unknown, the constant ``rate * budget``.
+    down; with ``total_steps`` unknown, the constant ``rate * budget`` (thesis eq. 7.6 for the linear schedule).
     """
-    if not is_reselection_step(step, reselection_steps, total_steps):
+    if not is_reselection_step(step, reselection_steps, total_steps, accumulation_steps):
         return 0
-    if step == reselection_steps:
+    if step == accumulation_steps:
         return budget
     if total_steps is None:
         fraction = rate

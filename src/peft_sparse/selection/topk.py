@@ -1,4 +1,4 @@
-"""Exactly K largest changes over many tensors, without listing all their entries (LT-SFT selection, SPEC section 3).
+"""Exactly K largest changes over many tensors, without listing all their entries (LT-SFT selection, thesis §4.3.1).
 
 The score of a position is ``|current - reference|`` in float32. ``largest_changes`` returns exactly ``k``
 positions: larger scores first, ties decided by the lowest (source order, flat index). It never builds a tensor with

@@ -133,18 +133,19 @@ def write_regrown(
     slots: torch.Tensor,
     first_moment: Optional[torch.Tensor] = None,
     second_moment: Optional[torch.Tensor] = None,
+    age: Optional[int] = None,
 ) -> None:
     """Zero ``values`` at global ``slots`` and re-seed the optimizer's per-entry state there, on this rank's slice.
 
-    ``first_moment``/``second_moment`` (one number per slot, or None) are the growth estimates that the re-seeding
-    turns into Adam moments (see ``peft_sparse.optim.reseed_optimizer_state``).
+    ``first_moment``/``second_moment`` (one number per slot, or None) and ``age`` are the growth estimates that the
+    re-seeding turns into Adam moments (see ``peft_sparse.optim.reseed_optimizer_state``).
     """
     from ..optim import reseed_optimizer_state
 
     if not isinstance(values, DTensor):
         values[slots] = 0
         if optimizer is not None:
-            reseed_optimizer_state(optimizer, values, slots, first_moment, second_moment)
+            reseed_optimizer_state(optimizer, values, slots, first_moment, second_moment, age=age)
         return
     start, length = local_range(values)
     mine = (slots >= start) & (slots < start + length)
@@ -156,7 +157,18 @@ def write_regrown(
     if first_moment is not None:
         first_moment, second_moment = first_moment[mine], second_moment[mine]
     view = _local_view_of_optimizer(optimizer, values, local)
-    reseed_optimizer_state(view, local, local_slots, first_moment, second_moment)
+    reseed_optimizer_state(view, local, local_slots, first_moment, second_moment, age=age)
+
+
+@torch.no_grad()
+def correct_adam_step_for_age(optimizer: torch.optim.Optimizer, values: torch.Tensor, age: torch.Tensor) -> bool:
+    """``peft_sparse.optim.correct_adam_step_for_age`` on this rank's slice of ``values`` (``age``: one per entry)."""
+    from ..optim import correct_adam_step_for_age as correct
+
+    if not isinstance(values, DTensor):
+        return correct(optimizer, values, age)
+    local = values.to_local()
+    return correct(_local_view_of_optimizer(optimizer, values, local), local, local_part(age, values))
 
 
 class _SparseBufferNames:

@@ -1,4 +1,4 @@
-"""qSpIEL support: sparse deltas over bitsandbytes 4-bit NF4 base weights (SPEC section 2).
+"""qSpIEL support: sparse deltas over bitsandbytes 4-bit NF4 base weights (thesis §7.3.2, eq. 7.8).
 
 The frozen weight stays packed NF4 (optionally with double-quantised absmax); each use dequantises it to the compute
 dtype and adds the delta. Merging into the 4-bit weight follows PEFT's convention for 4-bit layers but re-quantises
@@ -18,6 +18,17 @@ from torch import nn
 from ..kernels import dequantize_nf4_delta
 
 
+def require_bitsandbytes() -> None:
+    """Raise ``ImportError`` with the install command if bitsandbytes (needed only for qSpIEL) is missing."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "qSpIEL (a sparse delta over a bitsandbytes 4-bit weight) needs bitsandbytes, which is not installed: "
+            'python -m pip install "peft-sparse[qspiel]"'
+        ) from error
+
+
 @dataclass
 class NF4MergeRecord:
     """What a 4-bit merge overwrote (for an exact unmerge) and the error it measured."""
@@ -35,6 +46,7 @@ class NF4BaseWeight:
     returns_input_dtype = True  # as Linear4bit.forward does
 
     def __init__(self, module: nn.Module) -> None:
+        require_bitsandbytes()
         self.module = module
         # Keep bitsandbytes from re-packing the weight for its CPU inference kernel (which would also lose the exact
         # unmerge): the layout stays the one dequantize_4bit reads.

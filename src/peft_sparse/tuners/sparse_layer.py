@@ -10,6 +10,7 @@ the method's prefix (``spiel_values``, ...) and reached through ``sparse_values`
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Iterator, Optional
 
 import torch
@@ -28,6 +29,32 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
     Conv1D = ()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _TensorIdentitySet:
+    """Weak set of tensors compared by identity (``weakref.WeakSet`` would compare tensors with ``==``)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        key = id(tensor)
+        if key not in self._refs or self._refs[key]() is not tensor:
+            self._refs[key] = weakref.ref(tensor, lambda _, key=key: self._refs.pop(key, None))
+
+    def __contains__(self, tensor: object) -> bool:
+        ref = self._refs.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+
+# values tensors that took part in a forward, which optimizer checks recognise (a set, not an attribute: loading with
+# assign=True rebuilds parameters from their attributes)
+DELTA_VALUES = _TensorIdentitySet()
+
+
+def mark_delta_values(values: torch.Tensor) -> None:
+    """Remember ``values`` as the values of a sparse delta (see ``DELTA_VALUES``)."""
+    DELTA_VALUES.add(values)
 
 
 def supported_weight(module: nn.Module) -> bool:
@@ -147,8 +174,11 @@ class SparseDeltaLayer(BaseTunerLayer):
                 current.copy_(values)
             self.sparse_indices[adapter_name].copy_(indices)
         else:
-            requires_grad = current.requires_grad if current is not None else True
-            self.sparse_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad)
+            if current is not None and current.numel():
+                requires_grad = current.requires_grad
+            else:  # an empty delta is never trainable; once it has entries it follows PEFT's rule for adapters
+                requires_grad = not config.inference_mode and adapter_name in self.active_adapters
+            self.sparse_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad and values.numel() > 0)
             self.sparse_indices[adapter_name] = indices
         self.sparse_shape[adapter_name] = torch.tensor(shape, dtype=torch.int64, device=device)
 
@@ -156,12 +186,20 @@ class SparseDeltaLayer(BaseTunerLayer):
         """Raise ValueError (naming ``where``) unless checkpoint ``tensors`` (keyed by role) fit the base weight."""
         shape = self.weight_shape
         saved_shape = tensors.get("shape")
-        if saved_shape is not None and tuple(int(s) for s in saved_shape.tolist()) != shape:
-            raise ValueError(
-                f"{where}: the adapter was made for a weight of shape {tuple(saved_shape.tolist())}, "
-                f"the base model's is {shape}"
-            )
+        if saved_shape is not None:
+            if saved_shape.dtype.is_floating_point or saved_shape.dtype == torch.bool or saved_shape.dim() != 1:
+                raise ValueError(
+                    f"{where}: {self.method_prefix}shape must be a 1-D integer tensor, got dtype {saved_shape.dtype} "
+                    f"and shape {tuple(saved_shape.shape)}"
+                )
+            if tuple(int(s) for s in saved_shape.tolist()) != tuple(shape):
+                raise ValueError(
+                    f"{where}: the adapter was made for a weight of shape {tuple(saved_shape.tolist())}, "
+                    f"the base model's is {shape}"
+                )
         check_delta(tensors["indices"], tensors["values"], shape, where)
+        if not torch.isfinite(tensors["values"]).all():
+            raise ValueError(f"{where}: {self.method_prefix}values holds non-finite values (NaN or inf)")
 
     def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the adapter's tensors by validated checkpoint ``tensors`` (keyed by role; resized as needed)."""
@@ -170,6 +208,21 @@ class SparseDeltaLayer(BaseTunerLayer):
         for role, tensor in tensors.items():
             if role not in ("indices", "values", "shape"):
                 getattr(self, self.method_prefix + role)[adapter_name] = tensor.to(device)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self.freeze_empty_values()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self.freeze_empty_values()
+
+    def freeze_empty_values(self) -> None:
+        """Empty (0-entry) value tensors never train: nothing would reach them."""
+        for name in self.adapter_layer_names:
+            for values in getattr(self, name).values():
+                if values.numel() == 0:
+                    values.requires_grad_(False)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # Only the device follows the base layer: values keep delta_dtype and statistics stay float32.
@@ -205,6 +258,7 @@ class SparseDeltaLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         for adapter, _, values in deltas:
             self._note_forward(adapter, values)
+            mark_delta_values(values)
         if len(deltas) == 1:
             indices, values = deltas[0][1], deltas[0][2]
         else:  # several active adapters: one delta with unique positions, overlapping values summed

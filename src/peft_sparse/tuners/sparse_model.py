@@ -16,7 +16,10 @@ from ..delta import combine
 from ..selection import allocate_budgets
 from ..training.distributed import skip_ddp_buffer_broadcast
 from .bnb import dequantize_layer
+from .loading import AdapterLoadError, ModelSnapshot
 from .sparse_layer import SparseDeltaLayer
+
+BUDGET_FIELDS = ("density", "num_tunable_weights", "match_lora_rank")
 
 
 class SparseTunerModel(BaseTuner):
@@ -39,9 +42,9 @@ class SparseTunerModel(BaseTuner):
             target.update_layer(adapter_name, peft_config, current_key)
             return
         if isinstance(target, SparseDeltaLayer) or not self.layer_cls.supports(target):
-            raise TypeError(
-                f"target module {current_key!r} is a {type(target).__name__}; {self.layer_cls.__name__} supports "
-                f"{self.layer_cls.supported_types}"
+            raise ValueError(
+                f"target_modules matches {current_key!r}, a {type(target).__name__}; {self.layer_cls.__name__} "
+                f"supports {self.layer_cls.supported_types}"
             )
         new_module = self.layer_cls(target, adapter_name, peft_config, current_key)
         if adapter_name not in self.active_adapters:
@@ -51,15 +54,43 @@ class SparseTunerModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         # Budgets depend on all targets together, so deltas are drawn once every target is wrapped. This is done here
         # and not in _post_injection_hook, which PeftModel.add_adapter (a second adapter) never calls.
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # A failure anywhere (a target that cannot be wrapped, an impossible budget) puts the model back as it was.
+        snapshot = ModelSnapshot(model)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            self._init_deltas(model, adapter_name)
+        except Exception:
+            snapshot.restore()
+            self.peft_config.pop(adapter_name, None)
+            raise
+
+    def _init_deltas(self, model: nn.Module, adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
         layers = [m for _, m in _sparse_layers(model) if adapter_name in m.sparse_config]
         budgets = allocate_budgets(
-            [m.weight_shape for m in layers], config.density, config.num_tunable_weights, config.match_lora_rank
+            [m.weight_shape for m in layers],
+            config.density,
+            config.num_tunable_weights,
+            config.match_lora_rank,
+            getattr(config, "budget_allocation", "equal_density"),
         )
+        if layers and sum(budgets) == 0:
+            budget = next(f"{f}={getattr(config, f)!r}" for f in BUDGET_FIELDS if getattr(config, f, None) is not None)
+            raise ValueError(f"{budget} gives 0 tunable entries over the {len(layers)} targeted weights")
         for layer, budget in zip(layers, budgets):
             layer.init_delta(adapter_name, budget)
         skip_ddp_buffer_broadcast(model)  # ranks keep the sparse buffers identical themselves
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for _, layer in _sparse_layers(model):
+            layer.freeze_empty_values()
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # BaseTuner's version copies child.weight onto a new module without base_layer, which fails when unloading a
+        # modules_to_save head that has no .weight (BertLMPredictionHead, RobertaClassificationHead). Our layers are
+        # created on the base weight's device, so nothing else is needed (as in LoraModel).
+        setattr(parent, child_name, new_module)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # The values already have the config's delta_dtype; PEFT's default upcast of bf16/fp16 to float32 would
@@ -71,16 +102,18 @@ class SparseTunerModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        # A saved delta has its own positions and size; they replace the random ones drawn at injection after
-        # every layer has been checked, so a bad file changes nothing.
+        # A saved delta has its own positions and size; they replace the random ones drawn at injection after the
+        # whole checkpoint has been checked (every key belongs to this adapter, dtypes, shapes, finiteness, ranges),
+        # so a bad file changes nothing.
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        installs, errors = [], []
+        installs, errors, known = [], [], set()
         for name, layer in _sparse_layers(model):
             if adapter_name not in layer.sparse_config:
                 continue
             tensors = {}
             for attr in layer.adapter_layer_names + layer.other_param_names:
                 key = f"{name}.{attr}.{adapter_name}" if name else f"{attr}.{adapter_name}"
+                known.add(key)
                 if key in state_dict:
                     tensors[layer.role_of(attr)] = state_dict[key]
             if "values" not in tensors or "indices" not in tensors:
@@ -92,10 +125,17 @@ class SparseTunerModel(BaseTuner):
                 errors.append(str(err))
                 continue
             installs.append((layer, tensors))
+        errors += _check_heads(model, adapter_name, state_dict, known)
+        unknown = sorted(k for k in state_dict if k not in known)
+        if unknown:
+            more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+            errors.append(
+                f"keys {unknown[:3]}{more} are not part of this adapter (neither its sparse deltas nor its "
+                "modules_to_save); an adapter file may not overwrite base weights"
+            )
         if errors:
-            remove_adapter_everywhere(model, adapter_name)
             more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-            raise ValueError(f"cannot load sparse adapter {adapter_name!r}: " + "; ".join(errors[:3]) + more)
+            raise AdapterLoadError(f"cannot load sparse adapter {adapter_name!r}: " + "; ".join(errors[:3]) + more)
         for layer, tensors in installs:
             layer.install_loaded(adapter_name, tensors)
         return state_dict
@@ -164,6 +204,28 @@ class SparseTunerModel(BaseTuner):
             layer.update_layer(adapter_name, new_config, name)
             layer.set_delta(adapter_name, indices, values)
             layer.set_adapter(layer.active_adapters)
+
+
+def _check_heads(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], known: set) -> list[str]:
+    """Errors for checkpoint tensors of ``adapter_name``'s ``modules_to_save`` copies that do not fit; adds the heads'
+    keys to ``known``."""
+    errors = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save):
+            continue
+        prefix = f"{name}.modules_to_save.{adapter_name}."
+        for key, current in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+            known.add(prefix + key)
+            saved = state_dict.get(prefix + key)
+            if saved is None:
+                continue
+            if tuple(saved.shape) != tuple(current.shape):
+                errors.append(f"{prefix + key}: shape {tuple(saved.shape)} in the file, {tuple(current.shape)} here")
+            elif saved.dtype.is_floating_point != current.dtype.is_floating_point:
+                errors.append(f"{prefix + key}: dtype {saved.dtype} in the file, {current.dtype} here")
+            elif saved.dtype.is_floating_point and not torch.isfinite(saved).all():
+                errors.append(f"{prefix + key}: holds non-finite values")
+    return errors
 
 
 def _sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseDeltaLayer]]:

@@ -1,4 +1,4 @@
-"""LT-SFT: Lottery-Ticket Sparse Fine-Tuning (thesis chapter 4, ACL 2022) as a PEFT tuner (SPEC section 3).
+"""LT-SFT: Lottery-Ticket Sparse Fine-Tuning (thesis chapter 4, ACL 2022) as a PEFT tuner.
 
 Phase 1 trains the targeted weights densely from theta0; ``select_and_rewind`` keeps the K entries with the largest
 ``|theta1 - theta0|`` (one exact global top-K), rewinds every targeted weight and the ``modules_to_save`` heads, and

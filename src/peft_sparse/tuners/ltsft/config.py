@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 
 from ..._registration import ensure_peft_type
-from ..config_checks import check_common_fields
+from ..config_checks import check_common_fields, check_number, check_positive_integer, is_integer
 
 SELECTION_SCOPES = ("global", "per_tensor")
 
 
 @dataclass
 class LTSFTConfig(PeftConfig):
-    """Configuration of an LT-SFT (Lottery-Ticket Sparse Fine-Tuning) adapter, SPEC section 3.
+    """Configuration of an LT-SFT (Lottery-Ticket Sparse Fine-Tuning) adapter, thesis §4.3.1.
 
     Budget: set one of ``num_tunable_weights`` (K) or ``density`` (K as a fraction of the targeted entries); with
     neither, ``density=0.01``. Training has a dense phase (the targeted weights themselves train), then
@@ -98,7 +98,13 @@ class LTSFTConfig(PeftConfig):
             "transformers' load_adapter, need that)."
         },
     )
-    delta_dtype: str = field(default="float32", metadata={"help": "dtype of the values: float32, bfloat16, float16."})
+    delta_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the values: float32, bfloat16, float16 (float16 only with optimizers without second "
+            "moments, e.g. SGD; Adam/AdamW refuse it)."
+        },
+    )
     kernel_backend: str = field(
         default="auto",
         metadata={"help": "'auto', 'torch' or 'triton'; the environment variable PEFT_SPARSE_KERNEL_BACKEND wins."},
@@ -109,17 +115,17 @@ class LTSFTConfig(PeftConfig):
         self.peft_type = ensure_peft_type("LTSFT")
         check_common_fields(self, ("num_tunable_weights", "density"))
         for name in ("dense_l1_reg", "sparse_l1_reg"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        if not isinstance(self.n_iterations, int) or self.n_iterations < 1:
-            raise ValueError(f"n_iterations must be a positive integer, got {self.n_iterations!r}")
+            check_number(name, getattr(self, name), 0.0)
+        check_positive_integer("n_iterations", self.n_iterations)
+        for name in ("include_biases", "untie_output_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.selection_scope not in SELECTION_SCOPES:
             raise ValueError(f"selection_scope must be one of {SELECTION_SCOPES}, got {self.selection_scope!r}")
         if self.delta_sizes is not None and not (
             isinstance(self.delta_sizes, dict)
             and all(
-                isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(n, int) and n >= 0 for n in v)
+                isinstance(v, (list, tuple)) and len(v) == 2 and all(is_integer(n) and n >= 0 for n in v)
                 for v in self.delta_sizes.values()
             )
         ):

@@ -22,7 +22,7 @@ from torch import nn
 from ...delta import check_delta, index_dtype_for, merge_exact, restore_exact
 from ...sparse_linear import sparse_delta_linear
 from ..base_weight import DenseBaseWeight
-from ..sparse_layer import DTYPES, Conv1D, SparseDeltaLayer
+from ..sparse_layer import DTYPES, Conv1D, SparseDeltaLayer, mark_delta_values
 
 DENSE, SPARSE = "dense", "sparse"
 
@@ -91,7 +91,12 @@ class LTSFTLayer(SparseDeltaLayer):
         indices = indices.to(device=device, dtype=torch.int32 if shape[0] < 2**31 else torch.int64)
         values = values.detach().to(device=device, dtype=DTYPES[self.sparse_config[adapter_name].delta_dtype])
         current = self.sparse_bias_values.get(adapter_name)
-        requires_grad = current.requires_grad if current is not None else True
+        if current is not None and current.numel():
+            requires_grad = current.requires_grad
+        else:  # as in set_delta: empty deltas never train
+            config = self.sparse_config[adapter_name]
+            requires_grad = not config.inference_mode and adapter_name in self.active_adapters
+        requires_grad = requires_grad and values.numel() > 0
         self.sparse_bias_values[adapter_name] = nn.Parameter(values, requires_grad=requires_grad)
         self.sparse_bias_indices[adapter_name] = indices
 
@@ -118,6 +123,8 @@ class LTSFTLayer(SparseDeltaLayer):
                 raise ValueError(f"{where}: the checkpoint has a bias delta but the base module has no bias")
             shape = (0,) if bias is None else tuple(bias.shape)
             check_delta(tensors["bias_indices"], tensors["bias_values"], shape, f"{where} (bias)")
+            if not torch.isfinite(tensors["bias_values"]).all():
+                raise ValueError(f"{where}: ltsft_bias_values holds non-finite values (NaN or inf)")
 
     def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the deltas by validated checkpoint ``tensors``; a loaded adapter is in the sparse phase."""
@@ -158,10 +165,12 @@ class LTSFTLayer(SparseDeltaLayer):
                 tensor = self.base_tensor(kind)
                 if tensor is not None:
                     tensor.requires_grad_(False)
-        trainable = not self.sparse_config[adapter_name].inference_mode and adapter_name in self.active_adapters
+        # trainable unless in inference mode, also when not active (load_adapter(..., is_trainable=True) of a second
+        # adapter); empty tensors never are (they would get no gradient)
+        trainable = not self.sparse_config[adapter_name].inference_mode
         for container in (self.sparse_values, self.sparse_bias_values):
             if adapter_name in container:
-                container[adapter_name].requires_grad_(trainable)
+                container[adapter_name].requires_grad_(trainable and container[adapter_name].numel() > 0)
 
     def theta0(self, adapter_name: str, kind: str) -> torch.Tensor:
         """theta0 of the ``kind`` ("weight"/"bias") tensor, moved next to the weight when its place is not fixed."""
@@ -180,12 +189,14 @@ class LTSFTLayer(SparseDeltaLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged or any(self.ltsft_phase.get(a) == DENSE for a in self.active_adapters):
             return self.base_layer(x, *args, **kwargs)
-        weight_deltas, bias_deltas = [], []
+        weight_deltas, bias_deltas, present = [], [], []
         for adapter in self.active_adapters:
             if adapter not in self.sparse_values:
                 continue
+            present.append(adapter)
             for kind, (indices, values) in self.deltas_of(adapter).items():
                 if values.numel():
+                    mark_delta_values(values)
                     (weight_deltas if kind == "weight" else bias_deltas).append((indices, values))
         if not weight_deltas and not bias_deltas:
             return self.base_layer(x, *args, **kwargs)
@@ -200,7 +211,7 @@ class LTSFTLayer(SparseDeltaLayer):
             weight = base.weight.t() if self.transposed else base.weight
             return F.linear(x, weight, bias)
         indices, values = _concat(weight_deltas)
-        backend = self.sparse_config[self.active_adapters[0]].kernel_backend
+        backend = self.sparse_config[present[0]].kernel_backend  # an active adapter may not target this layer
         return sparse_delta_linear(x, DenseBaseWeight(base), bias, indices, values, self.transposed, None, backend)
 
     @staticmethod

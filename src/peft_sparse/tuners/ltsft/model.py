@@ -19,7 +19,8 @@ from torch import nn
 from ...delta import combine
 from ...selection import allocate_budgets
 from ...selection.topk import ChangeSource, largest_changes, largest_changes_per_tensor
-from ..sparse_model import SparseTunerModel, _sparse_layers, remove_adapter_everywhere
+from ..loading import ModelSnapshot
+from ..sparse_model import SparseTunerModel, _sparse_layers
 from .layer import DENSE, SPARSE, LTSFTLayer, LTSFTModule, supported_module
 
 logger = logging.getLogger("peft_sparse.ltsft")
@@ -109,24 +110,30 @@ class LTSFTModel(SparseTunerModel):
                 f"(select_and_rewind) before adding the trainable adapter {adapter_name!r}"
             )
         num_parameters = count_model_parameters(model)
-        BaseTuner.inject_adapter(self, model, adapter_name, *args, **kwargs)
+        snapshot = ModelSnapshot(model)  # any failure below puts the model back as it was
+        try:
+            BaseTuner.inject_adapter(self, model, adapter_name, *args, **kwargs)
+            self._init_adapter(model, adapter_name, num_parameters)
+        except Exception:
+            snapshot.restore()
+            self.peft_config.pop(adapter_name, None)
+            self.ltsft_state.pop(adapter_name, None)
+            raise
+        self._ensure_l1_hook()
+
+    def _init_adapter(self, model: nn.Module, adapter_name: str, num_parameters: int) -> None:
+        config = self.peft_config[adapter_name]
         layers = self._layers(adapter_name)
         # the exact module names: PEFT may have shortened a long list to suffixes such as "embed_tokens", which would
         # make save_pretrained store whole embedding matrices next to the deltas
         config.target_modules = {name for name, _ in layers}
-        try:
-            _check_no_shared_weights(model, layers)
-            maskable = sum(_maskable_numel(layer, config) for _, layer in layers)
-            budget = config.num_tunable_weights
-            if budget is None:
-                budget = max(1, min(maskable, round(config.density * maskable)))
-            if budget > maskable:
-                raise ValueError(
-                    f"num_tunable_weights={budget} exceeds the {maskable} entries of the targeted modules"
-                )
-        except ValueError:
-            remove_adapter_everywhere(model, adapter_name)
-            raise
+        _check_no_shared_weights(model, layers)
+        maskable = sum(_maskable_numel(layer, config) for _, layer in layers)
+        budget = config.num_tunable_weights
+        if budget is None:
+            budget = max(1, min(maskable, round(config.density * maskable)))
+        if budget > maskable:
+            raise ValueError(f"num_tunable_weights={budget} exceeds the {maskable} entries of the targeted modules")
         state = LTSFTState(budget, maskable, num_parameters, n_iterations=config.n_iterations)
         self.ltsft_state[adapter_name] = state
         if config.inference_mode:
@@ -135,17 +142,19 @@ class LTSFTModel(SparseTunerModel):
         else:
             config.delta_sizes = None
             self._enter_dense_phase(adapter_name)
-        self._ensure_l1_hook()
 
     def _allocate_recorded_sizes(self, adapter_name: str) -> None:
         # zero deltas of the saved sizes (placeholder positions 0..k-1), which the checkpoint's tensors then replace
         sizes = self.peft_config[adapter_name].delta_sizes or {}
         for name, layer in self._layers(adapter_name):
             weight_k, bias_k = sizes.get(name, (0, 0))
-            _, values = layer.deltas_of(adapter_name)["weight"]
-            layer.set_delta(adapter_name, torch.arange(weight_k), values.new_zeros(weight_k))
+            # made on the base weight's device: with low_cpu_mem_usage the injected values live on "meta"
+            dtype = layer.deltas_of(adapter_name)["weight"][1].dtype
+            device = layer.get_base_layer().weight.device
+            layer.set_delta(adapter_name, torch.arange(weight_k), torch.zeros(weight_k, dtype=dtype, device=device))
             if bias_k and layer.base_bias is not None:
-                layer.set_bias_delta(adapter_name, torch.arange(bias_k), values.new_zeros(bias_k))
+                zeros = torch.zeros(bias_k, dtype=dtype, device=device)
+                layer.set_bias_delta(adapter_name, torch.arange(bias_k), zeros)
 
     def _record_delta_sizes(self, adapter_name: str) -> None:
         """Store the current delta sizes in the adapter's config (saved with it, see ``LTSFTConfig.delta_sizes``)."""
@@ -166,6 +175,20 @@ class LTSFTModel(SparseTunerModel):
             state.iteration, state.head_start = state.n_iterations, {}
             tuner._record_delta_sizes(adapter_name)
         return state_dict
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict, unwanted_adapter_names: list
+    ) -> dict[str, torch.Tensor]:
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, LTSFTModel) and adapter_name in tuner.ltsft_state and tuner.phase(adapter_name) == DENSE:
+            warnings.warn(
+                f"saving LT-SFT adapter {adapter_name!r} in its dense phase: it has no deltas yet, so the file holds "
+                "empty deltas (the base weights being trained are not saved). Call "
+                "peft_sparse.ltsft.select_and_rewind(model) first to save the sparse fine-tuning.",
+                stacklevel=4,
+            )
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)

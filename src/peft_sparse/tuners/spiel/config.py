@@ -9,9 +9,11 @@ from peft.config import PeftConfig
 
 from ..._registration import ensure_peft_type
 from ...selection import SCHEDULES
-from ..config_checks import check_common_fields
+from ...selection.budget import BUDGET_ALLOCATIONS
+from ..config_checks import check_common_fields, check_number, check_positive_integer, is_integer
 
 SELECTIONS = ("ag", "ma", "random")
+DROP_CRITERIA = ("magnitude", "change_since_reselection")
 
 
 @dataclass
@@ -19,8 +21,13 @@ class SpIELConfig(PeftConfig):
     """Configuration of a SpIEL (Sparse Iterative Efficient Learning) adapter.
 
     Budget: set exactly one of ``density``, ``num_tunable_weights`` or ``match_lora_rank``; with none set,
-    ``density=0.01``. Every S = ``reselection_steps`` optimizer updates the entries that changed least are dropped and
-    as many new ones are grown, by accumulated gradients ("ag"), SM3 row/column statistics ("ma") or at random.
+    ``density=0.01``; the budget is spread at equal density over the targets (thesis §7.3.1, footnote 2). After
+    optimizer updates gamma, S + gamma, 2S + gamma, ... (gamma = ``accumulation_steps``, S = ``reselection_steps``;
+    thesis eq. 7.6) the entries that changed least are dropped and as many new ones are grown, by accumulated
+    gradients ("ag"), SM3 row/column statistics ("ma") or at random; the first reselection replaces every entry.
+    With torch Adam/AdamW (any variant: foreach, fused, amsgrad) each entry's bias correction uses its own age, the
+    updates since it was grown (thesis §7.3.1; see ``peft_sparse.optim.age``); other optimizers keep their own
+    global-step correction (logged once), SM3 and SGD have none.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -53,17 +60,48 @@ class SpIELConfig(PeftConfig):
     )
     match_lora_rank: Optional[int] = field(
         default=None,
-        metadata={"help": "Give each target r * (in + out) entries: the parameter count of LoRA at rank r."},
+        metadata={
+            "help": "The total parameter count of LoRA at rank r on the same targets (sum of r * (in + out)), "
+            "spread at equal density (see budget_allocation)."
+        },
+    )
+    budget_allocation: str = field(
+        default="equal_density",
+        metadata={
+            "help": "How match_lora_rank is spread: 'equal_density' (the same fraction of every target, thesis "
+            "§7.3.1 footnote 2) or 'lora_per_tensor' (each target gets LoRA's own r * (in + out))."
+        },
     )
     selection: str = field(default="ag", metadata={"help": "Growth criterion: 'ag', 'ma' or 'random'."})
     reselection_steps: int = field(default=20, metadata={"help": "S: optimizer updates between reselections."})
     accumulation_steps: int = field(
-        default=5, metadata={"help": "gamma: updates of gradient estimation before each reselection (AG)."}
+        default=5,
+        metadata={
+            "help": "gamma: the first reselection follows update gamma, later ones every reselection_steps updates "
+            "after it (every selection). For 'ag' also the updates of gradient estimation ending at each "
+            "reselection, so at most reselection_steps; for 'ma' and 'random' any positive integer."
+        },
     )
     initial_reselection_rate: float = field(
         default=0.2, metadata={"help": "xi: fraction of entries replaced at the second reselection, then decayed."}
     )
     reselection_schedule: str = field(default="linear", metadata={"help": "Decay of xi: 'linear' or 'cosine'."})
+    drop_criterion: str = field(
+        default="magnitude",
+        metadata={
+            "help": "Which entries are dropped: 'magnitude' (smallest |delta|, the change from the pre-trained "
+            "weight; thesis §7.3.1 and the reference code) or 'change_since_reselection' (smallest change since the "
+            "last reselection, thesis Algorithm 2 line 10)."
+        },
+    )
+    regrow_dropped: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Whether a position dropped at a reselection may be grown again in the same reselection (it then "
+            "keeps its slot, value and optimizer state). None: as the reference code does, True for 'ag' and False "
+            "for 'ma'; False for 'random'."
+        },
+    )
     total_steps: Optional[int] = field(
         default=None,
         metadata={
@@ -71,7 +109,13 @@ class SpIELConfig(PeftConfig):
             "without it, xi is not decayed."
         },
     )
-    delta_dtype: str = field(default="float32", metadata={"help": "dtype of the values: float32, bfloat16, float16."})
+    delta_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the values: float32, bfloat16, float16 (float16 only with optimizers without second "
+            "moments, e.g. SGD; Adam/AdamW refuse it)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the initial and random indices; same on every process."})
     kernel_backend: str = field(
         default="auto",
@@ -82,29 +126,34 @@ class SpIELConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = ensure_peft_type("SPIEL")
         check_common_fields(self, ("density", "num_tunable_weights", "match_lora_rank"))
-        if self.match_lora_rank is not None and (
-            not isinstance(self.match_lora_rank, int) or self.match_lora_rank < 1
-        ):
-            raise ValueError(f"match_lora_rank must be a positive integer, got {self.match_lora_rank!r}")
+        check_positive_integer("match_lora_rank", self.match_lora_rank, optional=True)
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if not isinstance(self.reselection_steps, int) or self.reselection_steps < 1:
-            raise ValueError(f"reselection_steps must be a positive integer, got {self.reselection_steps!r}")
-        if (
-            not isinstance(self.accumulation_steps, int)
-            or self.accumulation_steps < 1
-            or (self.selection == "ag" and self.accumulation_steps > self.reselection_steps)
-        ):
+        check_positive_integer("reselection_steps", self.reselection_steps)
+        check_positive_integer("accumulation_steps", self.accumulation_steps)
+        if self.selection == "ag" and self.accumulation_steps > self.reselection_steps:
             raise ValueError(
-                f"accumulation_steps must be a positive integer, at most reselection_steps={self.reselection_steps} "
-                f"for selection 'ag', "
+                f"accumulation_steps must be at most reselection_steps={self.reselection_steps} for selection 'ag', "
                 f"got {self.accumulation_steps!r}"
             )
-        if not 0.0 <= self.initial_reselection_rate <= 1.0:
-            raise ValueError(f"initial_reselection_rate must be in [0, 1], got {self.initial_reselection_rate}")
+        check_number("initial_reselection_rate", self.initial_reselection_rate, 0.0, 1.0)
+        if self.budget_allocation not in BUDGET_ALLOCATIONS:
+            raise ValueError(f"budget_allocation must be one of {BUDGET_ALLOCATIONS}, got {self.budget_allocation!r}")
+        if self.drop_criterion not in DROP_CRITERIA:
+            raise ValueError(f"drop_criterion must be one of {DROP_CRITERIA}, got {self.drop_criterion!r}")
+        if self.regrow_dropped is not None and not isinstance(self.regrow_dropped, bool):
+            raise ValueError(f"regrow_dropped must be True, False or None, got {self.regrow_dropped!r}")
         if self.reselection_schedule not in SCHEDULES:
             raise ValueError(f"reselection_schedule must be one of {SCHEDULES}, got {self.reselection_schedule!r}")
-        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
-            raise ValueError(f"total_steps must be a positive integer or None, got {self.total_steps!r}")
-        if not isinstance(self.seed, int):
+        check_positive_integer("total_steps", self.total_steps, optional=True)
+        if not is_integer(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
+
+    @property
+    def excludes_dropped_from_growth(self) -> bool:
+        """True if growth may not pick a position dropped in the same reselection (see ``regrow_dropped``)."""
+        if self.regrow_dropped is None:
+            return self.selection != "ag"
+        return not self.regrow_dropped

@@ -1,9 +1,13 @@
-"""The SpIEL layer: a sparse delta whose positions are dropped and regrown during training (SPEC section 1).
+"""The SpIEL layer: a sparse delta whose positions are dropped and regrown during training (thesis §7.3).
 
 Training state per adapter, saved with the adapter so that a resumed run equals the uninterrupted one:
-``spiel_step`` (optimizer updates seen), ``spiel_row_stats``/``spiel_col_stats`` (SpIEL-MA, float32, ``rows`` and
-``cols`` numbers) and ``spiel_candidates``/``spiel_candidate_grad``/``spiel_candidate_sq`` (SpIEL-AG growth
-candidates and their float32 gradient sums during an estimation phase; empty otherwise).
+``spiel_step`` (optimizer updates seen), ``spiel_age`` (int32, one per entry: the updates since it was grown,
+counting the estimation phase that seeded its Adam moments; Adam's bias correction uses it),
+``spiel_row_stats``/``spiel_col_stats`` (SpIEL-MA, float32, ``rows`` and ``cols`` numbers),
+``spiel_candidates``/``spiel_candidate_grad``/``spiel_candidate_sq`` (SpIEL-AG growth candidates and their float32
+gradient sums during an estimation phase; empty otherwise) and ``spiel_anchor`` (the values right after the last
+reselection, float32, only with ``drop_criterion="change_since_reselection"``; empty otherwise). An adapter saved
+without ``spiel_age`` (an earlier version) loads with every age set to its ``spiel_step``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ TRAINING_STATE = (
     "spiel_candidates",
     "spiel_candidate_grad",
     "spiel_candidate_sq",
+    "spiel_age",
+    "spiel_anchor",
 )
 
 
@@ -52,6 +58,7 @@ class SpIELLayer(SparseDeltaLayer):
         self.layer_seed: dict[str, int] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._step_cache: dict[str, int] = {}
+        self._fresh_candidates: set[str] = set()  # candidates picked since the last update (dropped if it is skipped)
 
     def update_layer(self, adapter_name: str, config: Any, layer_key: str = "") -> None:
         """Add ``adapter_name`` with an empty delta and fresh training state; the budget comes later."""
@@ -67,10 +74,33 @@ class SpIELLayer(SparseDeltaLayer):
         f32 = dict(dtype=torch.float32, device=device)
         self.spiel_step[adapter_name] = torch.zeros((), dtype=torch.int64, device=device)
         self._step_cache[adapter_name] = 0
+        self._reset_entry_state(adapter_name, age=0)
         ma = config.selection == "ma"
         self.spiel_row_stats[adapter_name] = torch.zeros(rows if ma else 0, **f32)
         self.spiel_col_stats[adapter_name] = torch.zeros(cols if ma else 0, **f32)
         self._clear_candidates(adapter_name)
+
+    def _reset_entry_state(self, adapter_name: str, age: int) -> None:
+        # per-entry state for the current values: every age set to ``age``, the anchor to the values
+        # buffers live on the weight's device (values may be on "meta" while PEFT injects with low_cpu_mem_usage)
+        values, device = self.sparse_values[adapter_name], self.weight_device
+        self.spiel_age[adapter_name] = torch.full((values.numel(),), age, dtype=torch.int32, device=device)
+        track = self.sparse_config[adapter_name].drop_criterion == "change_since_reselection"
+        if not track:
+            anchor = torch.zeros(0, device=device)
+        elif values.is_meta:
+            anchor = torch.zeros(values.numel(), device=device)
+        else:
+            anchor = values.detach().float().to(device, copy=True)
+        self.spiel_anchor[adapter_name] = anchor
+
+    def set_delta(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Install ``(indices, values)``; per-entry state of a changed size restarts (age = the update count)."""
+        super().set_delta(adapter_name, indices, values)
+        age = self.spiel_age[adapter_name] if adapter_name in self.spiel_age else None
+        if age is None or age.numel() != self.sparse_values[adapter_name].numel():
+            step = int(self.spiel_step[adapter_name]) if adapter_name in self.spiel_step else 0
+            self._reset_entry_state(adapter_name, age=step)
 
     def _clear_candidates(self, adapter_name: str) -> None:
         device = self.weight_device
@@ -78,6 +108,7 @@ class SpIELLayer(SparseDeltaLayer):
         self.spiel_candidate_grad[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         self.spiel_candidate_sq[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         self._pending.pop(adapter_name, None)
+        self._fresh_candidates.discard(adapter_name)
 
     def init_delta(self, adapter_name: str, budget: int) -> None:
         """Give ``adapter_name`` ``budget`` random positions (seeded by ``config.seed`` and the layer's name)."""
@@ -89,6 +120,7 @@ class SpIELLayer(SparseDeltaLayer):
         else:  # a non-zero delta, for tests
             values = torch.randn(indices.numel(), generator=generator) * 0.1
         self.set_delta(adapter_name, indices, values.to(DTYPES[config.delta_dtype]))
+        self._reset_entry_state(adapter_name, age=self.current_step(adapter_name))
 
     def _generator(self, adapter_name: str, step: int) -> torch.Generator:
         seed = self.sparse_config[adapter_name].seed
@@ -104,22 +136,29 @@ class SpIELLayer(SparseDeltaLayer):
 
     def validate_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         super().validate_loaded(adapter_name, tensors, where)
-        rows, cols = self.weight_shape
-        for role, allowed in (("row_stats", (0, rows)), ("col_stats", (0, cols))):
-            if role in tensors and tensors[role].numel() not in allowed:
-                raise ValueError(f"{where}: {role} has {tensors[role].numel()} entries, expected 0 or {allowed[1]}")
-        roles = ("candidates", "candidate_grad", "candidate_sq")
-        sizes = {tensors[r].numel() for r in roles if r in tensors}
-        if len(sizes) > 1:
-            raise ValueError(f"{where}: growth candidates and their statistics differ in length: {sorted(sizes)}")
-        candidates = tensors.get("candidates")
-        if candidates is not None and candidates.numel():
-            check_delta(candidates, torch.zeros(candidates.numel()), self.weight_shape, f"{where} (growth candidates)")
+        check_training_state(tensors, self.weight_shape, self.sparse_config[adapter_name].selection, where)
 
     def install_loaded(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         super().install_loaded(adapter_name, tensors)
         self._step_cache.pop(adapter_name, None)
         self._pending.pop(adapter_name, None)
+        values, device = self.sparse_values[adapter_name], self.weight_device
+        if "age" not in tensors:  # saved before per-entry ages existed: treat every entry as trained all along
+            self._reset_entry_state(adapter_name, age=self.current_step(adapter_name))
+        else:
+            self.spiel_age[adapter_name] = self.spiel_age[adapter_name].to(torch.int32)
+        track = self.sparse_config[adapter_name].drop_criterion == "change_since_reselection"
+        anchor = self.spiel_anchor[adapter_name]
+        if track and anchor.numel() != values.numel():  # not tracked when saved: measure from the pre-trained weight
+            self.spiel_anchor[adapter_name] = torch.zeros(values.numel(), device=device)
+        elif not track and anchor.numel():
+            self.spiel_anchor[adapter_name] = torch.zeros(0, device=device)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for state in (self.layer_seed, self._step_cache, self._pending):
+            state.pop(adapter_name, None)
+        self._fresh_candidates.discard(adapter_name)
 
     # ----------------------------------------------------------------------------------------- estimation
     def _estimating_adapters(self) -> list[str]:
@@ -162,6 +201,7 @@ class SpIELLayer(SparseDeltaLayer):
             self.spiel_candidate_sq[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
             grad = dense.view(-1)[top]
             del dense
+            self._fresh_candidates.add(adapter)
         else:
             grad = sddmm(a, b, candidates, ncols, self.sparse_config[adapter].kernel_backend)
         if adapter in self._pending:
@@ -169,16 +209,36 @@ class SpIELLayer(SparseDeltaLayer):
         else:
             self._pending[adapter] = grad
 
+    @torch.no_grad()
+    def after_gradient_unscale(self, adapter_name: str, inv_scale: torch.Tensor, skipped: bool) -> None:
+        """Called when a loss scaler has unscaled the gradients of an update (``peft_sparse.training.precision``):
+        bring the statistics gathered since the last update to unscaled units, or drop them (and candidates picked
+        from them) when the scaler found inf/NaN and will skip the update."""
+        if skipped:
+            self._pending.pop(adapter_name, None)
+            if adapter_name in self._fresh_candidates:
+                self._clear_candidates(adapter_name)
+            return
+        pending = self._pending.get(adapter_name)
+        if pending is not None:
+            pending.mul_(inv_scale.to(pending.device))
+
     # ----------------------------------------------------------------------------------------- updates
     @torch.no_grad()
     def after_optimizer_step(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
-        """Account for one optimizer update of ``adapter_name``'s values: statistics, then reselection if due."""
+        """Account for one optimizer update of ``adapter_name``'s values.
+
+        First the update is bias-corrected by each entry's age (torch Adam/AdamW), then the statistics are updated,
+        then entries are reselected if due.
+        """
         config = self.sparse_config[adapter_name]
         values = self.sparse_values[adapter_name]
         self._awaiting_update.discard(adapter_name)
         step = self.current_step(adapter_name) + 1
         self.spiel_step[adapter_name].fill_(step)
         self._step_cache[adapter_name] = step
+        if values.grad is not None and values.numel():
+            self._age_entries(adapter_name, optimizer)
         if config.selection == "ma" and values.grad is not None and values.numel():
             idx = self.sparse_indices[adapter_name].long()
             cols = self.weight_shape[1]
@@ -190,18 +250,35 @@ class SpIELLayer(SparseDeltaLayer):
                 distributed.full_tensor(values.grad),  # averaged over ranks by DDP/FSDP2
             )
         pending = self._pending.pop(adapter_name, None)
+        self._fresh_candidates.discard(adapter_name)
         if pending is not None:
             distributed.average_across_ranks(pending)
             self.spiel_candidate_grad[adapter_name] += pending
             self.spiel_candidate_sq[adapter_name] += pending * pending
-        if is_reselection_step(step, config.reselection_steps, config.total_steps):
+        if is_reselection_step(step, config.reselection_steps, config.total_steps, config.accumulation_steps):
             self.reselect(adapter_name, optimizer, step)
+
+    def _age_entries(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
+        # An entry's age never exceeds the optimizer's own step count (a fresh optimizer after loading a trained
+        # adapter starts every entry's moments, and so its age, afresh).
+        values = self.sparse_values[adapter_name]
+        if self.spiel_age[adapter_name].numel() != values.numel():  # values replaced outside set_delta
+            self._reset_entry_state(adapter_name, age=self.current_step(adapter_name) - 1)
+        age = self.spiel_age[adapter_name]
+        state = optimizer.state.get(values, {})
+        if "step" in state:
+            age.add_(1).clamp_(max=int(float(state["step"])))
+        else:
+            age.add_(1)
+        distributed.correct_adam_step_for_age(optimizer, values, age)
 
     @torch.no_grad()
     def reselect(self, adapter_name: str, optimizer: Optional[torch.optim.Optimizer], step: int) -> int:
         """Drop and regrow entries of ``adapter_name`` after update ``step``; returns how many slots changed.
 
-        Regrown slots get value 0 and re-seeded optimizer state (AG: the estimated moments).
+        Regrown slots get value 0, re-seeded optimizer state and an age: AG seeds Adam's moments with the gradient
+        estimates of its estimation phase and the entry's age is the number of updates in that phase (as in the
+        SpIEL reference code); otherwise the moments are zero and the age 0.
         """
         config = self.sparse_config[adapter_name]
         param, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
@@ -213,10 +290,12 @@ class SpIELLayer(SparseDeltaLayer):
             config.initial_reselection_rate,
             config.total_steps,
             config.reselection_schedule,
+            accumulation_steps=config.accumulation_steps,
         )
         numel = self.weight_numel
         positions_of = None
         mean = mean_sq = None
+        updates = 0
         if config.selection == "ag":
             candidates = self.spiel_candidates[adapter_name]
             updates = max(1, min(config.accumulation_steps, step))
@@ -239,12 +318,21 @@ class SpIELLayer(SparseDeltaLayer):
             def grow(excluded, n):
                 return grow_random(numel, excluded, n, generator)
 
-        slots, new_positions, chosen = replace_entries(indices, values, k, grow, positions_of)
+        anchor = self.spiel_anchor[adapter_name]
+        scores = values.detach().float() - anchor if anchor.numel() else values
+        slots, new_positions, chosen = replace_entries(
+            indices, scores, k, grow, positions_of, exclude_dropped=config.excludes_dropped_from_growth
+        )
         if optimizer is not None:  # during training every rank reselects: all apply rank 0's plan
             slots, new_positions, chosen = distributed.agree_on_plan(slots, new_positions, chosen)
         indices[slots] = new_positions.to(indices.dtype)
-        if mean is not None:
-            distributed.write_regrown(optimizer, param, slots, mean[chosen], mean_sq[chosen])
+        values[slots] = 0  # a gathered copy under FSDP2; write_regrown zeroes the local slice of the parameter
+        seeded = mean is not None and mean.numel() > 0
+        self.spiel_age[adapter_name][slots] = updates if seeded else 0
+        if anchor.numel():
+            anchor.copy_(values.detach().float())
+        if seeded:
+            distributed.write_regrown(optimizer, param, slots, mean[chosen], mean_sq[chosen], age=updates)
         else:
             distributed.write_regrown(optimizer, param, slots)
         if config.selection == "ag":
@@ -265,3 +353,76 @@ class SpIELLinear(nn.Module, SpIELLayer):
 
     def __repr__(self) -> str:
         return "spiel." + super().__repr__()
+
+
+def check_training_state(
+    tensors: dict[str, torch.Tensor], weight_shape: tuple[int, int], selection: str, where: str
+) -> None:
+    """Raise ValueError (naming ``where``, the tensor and the value) unless checkpoint training state ``tensors``
+    (keyed by role: ``step``, ``row_stats``, ...) has the dtypes, shapes, ranges and finiteness that resuming a
+    ``selection`` run needs. Missing roles are fine (a fresh state is used)."""
+    rows, cols = weight_shape
+    step = tensors.get("step")
+    if step is not None:
+        if step.dtype.is_floating_point or step.dtype == torch.bool or step.dtype.is_complex or step.dim() != 0:
+            raise ValueError(
+                f"{where}: spiel_step must be a 0-d integer tensor, got dtype {step.dtype} and shape "
+                f"{tuple(step.shape)}"
+            )
+        if int(step) < 0:
+            raise ValueError(f"{where}: spiel_step must be non-negative, got {int(step)}")
+    expected = {"row_stats": rows if selection == "ma" else 0, "col_stats": cols if selection == "ma" else 0}
+    for role in ("row_stats", "col_stats", "candidate_grad", "candidate_sq"):
+        tensor = tensors.get(role)
+        if tensor is None:
+            continue
+        if not tensor.dtype.is_floating_point or tensor.dim() != 1:
+            raise ValueError(
+                f"{where}: spiel_{role} must be a 1-D floating-point tensor, got dtype {tensor.dtype} and shape "
+                f"{tuple(tensor.shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{where}: spiel_{role} holds non-finite values (NaN or inf)")
+        if role != "candidate_grad" and tensor.numel() and float(tensor.min()) < 0:
+            raise ValueError(f"{where}: spiel_{role} holds a negative value {float(tensor.min())}; it sums squares")
+        if role in expected and tensor.numel() != expected[role]:
+            raise ValueError(
+                f"{where}: spiel_{role} has {tensor.numel()} entries, selection={selection!r} needs "
+                f"{expected[role]} (was the adapter trained with another selection?)"
+            )
+    k = tensors["values"].numel() if "values" in tensors else None
+    age = tensors.get("age")
+    if age is not None:
+        if age.dtype.is_floating_point or age.dtype == torch.bool or age.dtype.is_complex or age.dim() != 1:
+            raise ValueError(
+                f"{where}: spiel_age must be a 1-D integer tensor, got dtype {age.dtype} and shape {tuple(age.shape)}"
+            )
+        if k is not None and age.numel() != k:
+            raise ValueError(f"{where}: spiel_age has {age.numel()} entries, expected {k} (one per value)")
+        if age.numel() and int(age.min()) < 0:
+            raise ValueError(f"{where}: spiel_age must be non-negative, got {int(age.min())}")
+    anchor = tensors.get("anchor")
+    if anchor is not None:
+        if not anchor.dtype.is_floating_point or anchor.dim() != 1:
+            raise ValueError(
+                f"{where}: spiel_anchor must be a 1-D floating-point tensor, got dtype {anchor.dtype} and shape "
+                f"{tuple(anchor.shape)}"
+            )
+        if k is not None and anchor.numel() not in (0, k):
+            raise ValueError(f"{where}: spiel_anchor has {anchor.numel()} entries, expected 0 or {k}")
+        if not torch.isfinite(anchor).all():
+            raise ValueError(f"{where}: spiel_anchor holds non-finite values (NaN or inf)")
+    roles = ("candidates", "candidate_grad", "candidate_sq")
+    sizes = {tensors[r].numel() for r in roles if r in tensors}
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: growth candidates and their statistics differ in length: {sorted(sizes)}")
+    candidates = tensors.get("candidates")
+    if candidates is not None and candidates.numel():
+        if selection != "ag":
+            raise ValueError(
+                f"{where}: spiel_candidates holds {candidates.numel()} AG growth candidates, but selection="
+                f"{selection!r} (was the adapter trained with another selection?)"
+            )
+        if candidates.dim() != 1:
+            raise ValueError(f"{where}: spiel_candidates must be 1-D, got shape {tuple(candidates.shape)}")
+        check_delta(candidates, torch.zeros(candidates.numel()), weight_shape, f"{where} (growth candidates)")
