@@ -311,7 +311,11 @@ def test_single_process_reference_reselects_on_schedule(runs, selection):
         name + ".indices": layer.sparse_indices["default"]
         for name, layer in spiel_layers(get_peft_model(tiny_llama(), config)).items()
     }
-    scheduled = [s for s in range(1, UPDATES + 1) if is_reselection_step(s, config.reselection_steps, UPDATES)]
+    scheduled = [
+        s
+        for s in range(1, UPDATES + 1)
+        if is_reselection_step(s, config.reselection_steps, UPDATES, config.accumulation_steps)
+    ]
     assert scheduled, "the run is too short to reselect"
     assert _changed_after(single[selection]["history"], initial) == scheduled
 
