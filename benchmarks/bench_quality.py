@@ -423,16 +423,17 @@ def wrap_model(model, run: dict, budget: int):
 
 
 # ============================================================================================ one run
-def train_phase(model, optimizer, batches: list[dict], run: dict) -> tuple[list[float], list[float]]:
-    """One optimizer update per batch with warm-up + linear decay; returns the losses and the step times."""
+def train_phase(model, optimizer, batches: list[dict], run: dict) -> tuple[list[float], list[float], list[float]]:
+    """One optimizer update per batch with warm-up + linear decay; returns the losses, the wall-clock step times and
+    the process CPU times per step (all threads: on a busy machine this tells the work apart from the waiting)."""
     import torch
 
     scheduler = lr_schedule(optimizer, len(batches), run["warmup_fraction"])
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     model.train()
     for step, batch in enumerate(batches):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
@@ -440,6 +441,7 @@ def train_phase(model, optimizer, batches: list[dict], run: dict) -> tuple[list[
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{run['method']}: training loss is {losses[-1]} at update {step + 1}")
@@ -450,7 +452,7 @@ def train_phase(model, optimizer, batches: list[dict], run: dict) -> tuple[list[
                 f"(mean of {len(recent)}), {statistics.median(times[-PROGRESS_EVERY:]):.3f} s/update",
                 flush=True,
             )
-    return losses, times
+    return losses, times, cpu_times
 
 
 def batch_order(n_train: int, updates: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -484,14 +486,14 @@ def run_one(run: dict, setup: dict) -> dict:
 
         dense_updates = max(1, min(run["updates"] - 1, round(run["ltsft_dense_fraction"] * run["updates"])))
         record["dense_trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        dense_losses, dense_times = train_phase(model, make_optimizer(model, run["lr"]), batches[:dense_updates], run)
+        dense = train_phase(model, make_optimizer(model, run["lr"]), batches[:dense_updates], run)
         report = peft_sparse.ltsft.select_and_rewind(model, verbose=False)
         record["ltsft_selected"] = report.total
         record["dense_updates"] = dense_updates
-        losses, times = train_phase(model, make_optimizer(model, run["lr"]), batches[dense_updates:], run)
-        losses, times = dense_losses + losses, dense_times + times
+        sparse = train_phase(model, make_optimizer(model, run["lr"]), batches[dense_updates:], run)
+        losses, times, cpu_times = (a + b for a, b in zip(dense, sparse))
     else:
-        losses, times = train_phase(model, make_optimizer(model, run["lr"]), batches, run)
+        losses, times, cpu_times = train_phase(model, make_optimizer(model, run["lr"]), batches, run)
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     metrics = evaluate(model, setup["held_out"], codec, setup["eval_batch_size"])
@@ -499,12 +501,13 @@ def run_one(run: dict, setup: dict) -> dict:
         record["spiel_config"] = {
             k: v for k, v in model.peft_config["default"].to_dict().items() if k not in ("target_modules", "peft_type")
         }
-    timed = times[TIMING_SKIP:] or times
+    timed, cpu_timed = times[TIMING_SKIP:] or times, cpu_times[TIMING_SKIP:] or cpu_times
     return {
         **metrics,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "step_time_s_median": statistics.median(timed),
         "step_time_s_mean": statistics.fmean(timed),
+        "step_cpu_s_median": statistics.median(cpu_timed),
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(time.perf_counter() - started, 2),
         "train_loss_first": losses[0],
@@ -703,6 +706,7 @@ def summarize(records: list[dict]) -> list[dict]:
                 t: stats([r["per_task"][t]["exact_match"] for r in at]) for t in TASKS if t in at[0]["per_task"]
             },
             "step_time": statistics.fmean(r["step_time_s_median"] for r in at),
+            "step_cpu": statistics.fmean(r.get("step_cpu_s_median", math.nan) for r in at),
             "structure": [r["delta_structure"] for r in at if r.get("delta_structure")],
             "records": at,
             "group": group,
@@ -717,43 +721,50 @@ def label(row_or_record: dict) -> str:
     return row_or_record["method"] + (f" [{tag}]" if tag else "")
 
 
+def distinct(records: list[dict], field: str) -> str:
+    """The values of ``field`` in ``records``, comma-separated."""
+    return ", ".join(str(v) for v in sorted({r.get(field) for r in records}, key=str))
+
+
 def render_markdown(records: list[dict]) -> str:
     ok = [r for r in records if not r.get("error")]
     lines = ["# Quality benchmark: SpIEL vs LoRA on a pretrained model", ""]
     if not ok:
         return "\n".join(lines + ["No completed runs yet."]) + "\n"
     first = ok[0]
+    ltsft = [r for r in ok if r["method"] == "ltsft"]
     lines += [
         f"- model: {', '.join(sorted({r['model'] for r in ok}))}; every method fine-tunes all layers' "
         f"{', '.join(LLAMA_LINEAR)} (full: every parameter)",
         f"- data: tasks {', '.join(TASKS)} (generated with seed {DATA_SEED}; training and held-out questions "
-        f"disjoint); n_train {sorted({r['n_train'] for r in ok})}, n_eval {sorted({r['n_eval'] for r in ok})}; "
+        f"disjoint); n_train {distinct(ok, 'n_train')}, n_eval {distinct(ok, 'n_eval')}; "
         "chat template; loss on the answer tokens only",
-        f"- training: {sorted({r['updates'] for r in ok})} optimizer updates of batch "
-        f"{sorted({r['batch_size'] for r in ok})}; "
-        f"warm-up {sorted({r['warmup_fraction'] for r in ok})} of the updates then linear decay to 0; gradient clip "
+        f"- training: {distinct(ok, 'updates')} optimizer updates of batch "
+        f"{distinct(ok, 'batch_size')}; "
+        f"warm-up {distinct(ok, 'warmup_fraction')} of the updates then linear decay to 0; gradient clip "
         f"{GRAD_CLIP}; AdamW (SpIEL-MA: SM3); LoRA r={first['rank']} alpha {LORA_ALPHA} dropout 0; the sparse methods "
         f"train `num_tunable_weights` = LoRA's parameter count ({first.get('lora_budget', 0):,}); LT-SFT: "
-        f"dense phase of {sorted({r['ltsft_dense_fraction'] for r in ok if r['method'] == 'ltsft'})} of the updates, "
+        f"dense phase of {distinct(ltsft, 'ltsft_dense_fraction')} of the updates, "
         "select_and_rewind, sparse phase of the rest (same lr, fresh optimizer and schedule per phase)",
         "- metrics: held-out answer loss = mean token NLL of the answer tokens (incl. end of turn), teacher forced; "
         "exact match = greedy answer (left-padded batched generation) equals the reference",
-        f"- machines: {'; '.join(sorted({r['machine'] for r in ok}))}; torch threads "
-        f"{sorted({str(r['threads']) for r in ok})}",
+        f"- machines: {'; '.join(sorted({r['machine'] for r in ok}))}; torch threads {distinct(ok, 'threads')}",
         f"- dates: {min(r['date'] for r in ok)} .. {max(r['date'] for r in ok)}",
         "",
         "## Final: mean +- std over seeds at each method's best lr (by the first seed's held-out loss)",
         "",
         "| method | best lr | wd | seeds | trainable | held-out loss | exact match | "
         + " | ".join(f"EM {t}" for t in TASKS)
-        + " | s/update |",
-        "|" + "---|" * (8 + len(TASKS)),
+        + " | s/update | CPU s/update |",
+        "|" + "---|" * (9 + len(TASKS)),
     ]
     rows = summarize(ok)
     for row in rows:
+        swept = sorted({r["lr"] for r in row["group"] if r["seed"] == row["seeds"][0]})
+        edge = " (edge of the grid)" if len(swept) > 1 and row["lr"] in (swept[0], swept[-1]) else ""
         cells = [
             label(row),
-            f"{row['lr']:g}",
+            f"{row['lr']:g}{edge}",
             f"{row['weight_decay']:g}",
             ",".join(map(str, row["seeds"])),
             f"{row['trainable_params']:,}",
@@ -761,7 +772,7 @@ def render_markdown(records: list[dict]) -> str:
             "{:.3f} +- {:.3f}".format(*row["exact_match"]),
         ]
         cells += ["{:.3f} +- {:.3f}".format(*row["per_task"][t]) if t in row["per_task"] else "-" for t in TASKS]
-        cells.append(f"{row['step_time']:.3f}")
+        cells += [f"{row['step_time']:.3f}", f"{row['step_cpu']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -903,7 +914,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--methods must be a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}")
     args.methods = methods
     smoke = args.smoke
-    defaults = dict(updates=4, batch_size=2, rank=2, n_train=12, n_eval=6) if smoke else {}
+    defaults = dict(updates=4, batch_size=2, rank=2, n_train=6, n_eval=3) if smoke else {}
     defaults = {**dict(updates=100, batch_size=4, rank=8, n_train=600, n_eval=150), **defaults}
     for name, value in defaults.items():
         if getattr(args, name) is None:

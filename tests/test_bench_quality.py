@@ -55,7 +55,7 @@ def test_smoke_sweep_writes_comparable_records_and_resumes(bench, tmp_path, caps
     assert "skip (done)" in capsys.readouterr().out
     assert json.loads((tmp_path / "results.json").read_text()) == records
     # a new tag is a new run; the old records stay
-    assert bench.main(argv[:-12] + ["--methods", "lora", "--seeds", "0", "--lrs", "lora=1e-3", "--tag", "v2"]) == 0
+    assert bench.main(argv[:3] + ["--methods", "lora", "--seeds", "0", "--lrs", "lora=1e-3", "--tag", "v2"]) == 0
     after = json.loads((tmp_path / "results.json").read_text())
     assert len(after) == len(records) + 1 and after[-1]["tag"] == "v2"
 
