@@ -159,3 +159,15 @@ def test_bad_arguments_fail_clearly(bench, argv, message, capsys) -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--smoke", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_warm_up_share_then_linear_decay(bench) -> None:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = bench.lr_schedule(optimizer, 100, 0.03)  # the thesis' 3 % warm-up: 3 updates
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert lrs[50] == pytest.approx((100 - 50) / 97) and lrs[99] == pytest.approx(1 / 97)
