@@ -697,7 +697,7 @@ def execute(args: argparse.Namespace, setup: dict) -> int:
         lr = best_lr(records, run_for(method, 0.0, args.seeds[0]), args.lrs[method])
         if lr is None:
             if len(args.seeds) > 1:
-                print(f"  {method}: the lr sweep is incomplete, so its extra seeds wait")
+                print(f"  {method}: seeds {args.seeds[1:]} wait for the lr sweep (then at its best lr)")
             continue
         for seed in args.seeds[1:]:
             do(run_for(method, lr, seed))
@@ -1076,7 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = build_setup(args)
     print(f"writing to {args.out}")
     failures = execute(args, setup)
-    print(f"wrote {args.out / 'results.json'}, results.md, results.png")
+    if not args.dry_run:
+        print(f"wrote {args.out / 'results.json'}, results.md, results.png")
     return 1 if failures else 0
 
 
