@@ -501,7 +501,7 @@ def run_one(run: dict, setup: dict) -> dict:
     else:
         losses, times, cpu_times = train_phase(model, make_optimizer(model, run["lr"]), batches, run)
     train_seconds = time.perf_counter() - started
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     metrics = evaluate(model, setup["held_out"], codec, setup["eval_batch_size"])
     if run["method"].startswith("spiel"):
         record["spiel_config"] = {
@@ -516,6 +516,7 @@ def run_one(run: dict, setup: dict) -> dict:
         "step_cpu_s_median": statistics.median(cpu_timed),
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(time.perf_counter() - started, 2),
+        "eval_cpu_seconds": round(time.process_time() - cpu_started, 2),
         "train_loss_first": losses[0],
         "train_loss_last10": statistics.fmean(losses[-10:]),
         "loss_curve": [round(x, 4) for x in losses],
