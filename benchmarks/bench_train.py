@@ -400,11 +400,11 @@ def prepare_base(settings: dict, base_dir: Path, seed: int) -> dict:
     return info
 
 
-def lr_schedule(optimizer, steps: int):
-    """Linear warm-up over ``LR_WARMUP_FRACTION`` of the steps, then linear decay to 0."""
+def lr_schedule(optimizer, steps: int, warmup_fraction: float = LR_WARMUP_FRACTION):
+    """Linear warm-up over ``warmup_fraction`` of the steps (at least one), then linear decay to 0."""
     import torch
 
-    warmup = max(1, round(LR_WARMUP_FRACTION * steps))
+    warmup = max(1, round(warmup_fraction * steps))
 
     def factor(step: int) -> float:
         if step < warmup:
