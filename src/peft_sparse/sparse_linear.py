@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels import sddmm
+from .kernels import sddmm, sorted_positions
 
 # observer(a, b, ncols): called in the backward with the two factors of the dense weight gradient,
 # grad_W[r, c] = sum_t a[t, r] * b[t, c] in the stored weight layout.
@@ -51,11 +51,17 @@ def merged_weight(
     if not in_place:
         yield base_weight.with_delta(indices, values, dtype, backend)
         return
-    saved = base_weight.merge(indices, values)
+    flat = weight.data.view(-1)  # .data: the merge is undone before anything else reads W, as in merge_exact
+    # row-major order (cached per indices tensor): the gathers and writes walk W forwards
+    order = sorted_positions(indices, *weight.shape)
+    originals = flat.index_select(0, order.sorted)
+    # one rounding to the weight's dtype, as apply_delta and merge_exact do
+    merged = (originals.float() + values.detach().float().index_select(0, order.perm)).to(flat.dtype)
+    flat.index_copy_(0, order.sorted, merged)
     try:
         yield weight.detach()
     finally:
-        base_weight.restore(indices, saved)
+        flat.index_copy_(0, order.sorted, originals)
 
 
 class _SparseDeltaLinear(torch.autograd.Function):

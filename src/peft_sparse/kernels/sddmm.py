@@ -224,8 +224,7 @@ def sddmm_csr(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: in
             order.crow, order.col, torch.zeros(k, dtype=torch.float32, device=a.device), (a.shape[1], ncols)
         )
         sampled = torch.sparse.sampled_addmm(pattern, _float32_operand(a).t(), _float32_operand(b), beta=0.0)
-    out[order.perm] = sampled.values()
-    return out
+    return out.index_copy_(0, order.perm, sampled.values())
 
 
 def _mm_float32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
