@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the split formulation only where tokens * K <= this * out * in (it is slow beyond)",
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (default 1)")
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts (default: per device)")
+    parser.add_argument("--densities", default=None, help="comma-separated densities, e.g. 0.003,0.01,0.023")
+    parser.add_argument("--no-reselection", action="store_true", help="skip the reselection group")
+    parser.add_argument("--reselection-only", action="store_true", help="only the reselection group")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 1:
         parser.error(f"--repeats and --warmup must be >= 1, got {args.repeats} and {args.warmup}")
@@ -113,6 +117,10 @@ class Bench:
         self.shapes = SMALL_SHAPES if args.small else LLAMA_SHAPES
         self.tokens = SMALL_TOKENS if args.small else CPU_TOKENS if self.cpu_full else LLAMA_TOKENS
         self.densities = CPU_DENSITIES if self.cpu_full else DENSITIES
+        if args.tokens:
+            self.tokens = [int(t) for t in args.tokens.split(",")]
+        if args.densities:
+            self.densities = [float(d) for d in args.densities.split(",")]
         if args.small:
             args.repeats, args.warmup = min(args.repeats, 2), 1
         if self.cpu_full:
@@ -133,6 +141,7 @@ class Bench:
             fn()
         self._sync()
         times: list[float] = []
+        cpu_times: list[float] = []  # CPU: the process's CPU time, which load from other processes hardly changes
         for _ in range(1 if once else self.args.repeats):
             if self.device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -142,9 +151,10 @@ class Bench:
                 end.synchronize()
                 times.append(start.elapsed_time(end))
             else:
-                began = time.perf_counter()
+                began, began_cpu = time.perf_counter(), time.process_time()
                 fn()
                 times.append((time.perf_counter() - began) * 1e3)
+                cpu_times.append((time.process_time() - began_cpu) * 1e3)
             if len(times) >= 3 and sum(times) > self.args.budget_s * 1e3:
                 break
         peak = None
@@ -155,7 +165,8 @@ class Bench:
             fn()
             self._sync()
             peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20
-        return {"time_ms": statistics.median(times), "repeats": len(times), "peak_mib": peak}
+        cpu_ms = statistics.median(cpu_times) if cpu_times else None
+        return {"time_ms": statistics.median(times), "cpu_ms": cpu_ms, "repeats": len(times), "peak_mib": peak}
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -191,12 +202,13 @@ class Bench:
             "repeats": self.args.repeats,
             "warmup": self.args.warmup,
             "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            "reselection_only": self.args.reselection_only,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         }
         results = {"meta": meta, "value_gradient": [], "layer": [], "apply_delta": [], "topk_outer_product": []}
         results["nf4_dequant_delta"] = []
-        results["reselection"] = self.bench_reselection()
-        for out_f, in_f in self.shapes:
+        results["reselection"] = [] if self.args.no_reselection else self.bench_reselection()
+        for out_f, in_f in [] if self.args.reselection_only else self.shapes:
             for density in self.densities:
                 results["apply_delta"] += self.bench_apply_delta(out_f, in_f, density)
                 results["topk_outer_product"] += self.bench_topk(out_f, in_f, density)
@@ -569,9 +581,17 @@ def to_markdown(results: dict) -> str:
         "## Reselection (drop + grow 20 % of K; the plan of SpIELLayer.reselect before it writes the slots)",
         "",
         _table(
-            ["out x in", "K", "regrown", "selection", "ms", "peak MiB"],
+            ["out x in", "K", "regrown", "selection", "ms", "CPU ms", "peak MiB"],
             [
-                [f"{r['shape'][0]}x{r['shape'][1]}", r["k"], r["regrown"], r["selection"], r["time_ms"], r["peak_mib"]]
+                [
+                    f"{r['shape'][0]}x{r['shape'][1]}",
+                    r["k"],
+                    r["regrown"],
+                    r["selection"],
+                    r["time_ms"],
+                    r.get("cpu_ms"),
+                    r["peak_mib"],
+                ]
                 for r in results.get("reselection", [])
             ],
         ),
@@ -595,6 +615,7 @@ def to_markdown(results: dict) -> str:
                 r["k"],
                 r["method"] + (f" ({r['chose']})" if r.get("chose") else ""),
                 r["time_ms"],
+                r.get("cpu_ms"),
                 r["tflops"],
                 r["gbps"],
                 r["peak_mib"],
@@ -611,6 +632,7 @@ def to_markdown(results: dict) -> str:
                 "K",
                 "method",
                 "ms",
+                "CPU ms",
                 "TFLOP/s",
                 "GB/s",
                 "peak MiB",
@@ -642,10 +664,18 @@ def to_markdown(results: dict) -> str:
         parts.append(_table(headers, rows))
     parts += ["", "## apply_delta (new tensor W + scatter)", ""]
     rows = [
-        [f"{r['shape'][0]}x{r['shape'][1]}", f"{r['density']:.1%}", r["k"], r["method"], r["time_ms"], r["gbps"]]
+        [
+            f"{r['shape'][0]}x{r['shape'][1]}",
+            f"{r['density']:.1%}",
+            r["k"],
+            r["method"],
+            r["time_ms"],
+            r.get("cpu_ms"),
+            r["gbps"],
+        ]
         for r in results["apply_delta"]
     ]
-    parts.append(_table(["out x in", "density", "K", "method", "ms", "GB/s"], rows))
+    parts.append(_table(["out x in", "density", "K", "method", "ms", "CPU ms", "GB/s"], rows))
     parts += ["", f"## topk_outer_product (SpIEL-MA growth of {GROWTH_FRACTION:.0%} of K, K active excluded)", ""]
     rows = [
         [
@@ -654,12 +684,14 @@ def to_markdown(results: dict) -> str:
             r["k"],
             r["method"],
             r["time_ms"],
+            r.get("cpu_ms"),
             r["peak_mib"],
             r["identical_to_reference"],
         ]
         for r in results["topk_outer_product"]
     ]
-    parts.append(_table(["out x in", "density", "k grown", "method", "ms", "peak MiB", "same as reference"], rows))
+    headers = ["out x in", "density", "k grown", "method", "ms", "CPU ms", "peak MiB", "same as reference"]
+    parts.append(_table(headers, rows))
     if results.get("nf4_dequant_delta"):
         parts += [
             "",
@@ -750,6 +782,8 @@ def write_results(results: dict, out: Path) -> None:
     slug = "".join(ch if ch.isalnum() else "_" for ch in meta["device"]).strip("_").lower() or "device"
     if meta["small"]:
         slug += "_small"
+    if meta.get("reselection_only"):
+        slug += "_reselection"
     stem = out / f"bench_kernels_{slug}"
     Path(f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     markdown = to_markdown(results)

@@ -107,3 +107,27 @@ def test_sample_ranks_small_sets_are_equally_likely():
 def test_sample_ranks_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be in"):
         sample_ranks(5, 6, torch.Generator())
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "nan"])
+@pytest.mark.parametrize("n,k", [(50, 7), (5_000, 600), (5_000, 4_000)])
+def test_drop_smallest_equals_a_stable_full_sort(kind, n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    values = torch.randn(n, generator=gen)
+    if kind == "ties":
+        values = torch.randint(-3, 4, (n,), generator=gen).float()
+    if kind == "nan":
+        values[::17] = float("nan")
+    expected = torch.sort(values.abs(), stable=True).indices[:k]
+    assert torch.equal(policies.drop_smallest(values, k), expected)
+
+
+@pytest.mark.parametrize("offset", [0, -1_000, 1 << 30])  # the table, and the sorted-search path twice
+def test_is_member_large_queries(offset):
+    gen = torch.Generator().manual_seed(4)
+    sorted_set = (torch.randperm(400_000, generator=gen)[:150_000] + offset).sort().values
+    query = torch.randint(0, 400_000, (100_000,), generator=gen) + offset
+    expected = torch.tensor([q in set(sorted_set.tolist()) for q in query[:2_000].tolist()])
+    got = policies.is_member(sorted_set, query)
+    assert torch.equal(got[:2_000], expected)
+    assert torch.equal(got, torch.isin(query, sorted_set))

@@ -238,3 +238,47 @@ def test_topk_outer_product_torch_backend_is_the_threshold_search():
     exclude = _indices(60_000, 3_000, seed=24).sort().values
     got = topk_outer_product(rows, cols, exclude, 2_000, setting="torch")
     assert torch.equal(got, topk_outer_product_reference(rows, cols, exclude, 2_000))
+
+
+# ------------------------------------------------------------------------------------------------- CUDA
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sddmm_strategies_and_tuned_dispatch(dtype):
+    device = torch.device("cuda")
+    for tokens, rows, cols, density in [(37, 33, 65, 0.1), (4099, 257, 513, 0.01), (2048, 1024, 2816, 0.023)]:
+        a, b = (t.to(device) for t in _operands(tokens, rows, cols, dtype, seed=tokens))
+        idx = _indices(rows * cols, max(1, round(density * rows * cols)), seed=rows).to(device)
+        truth = _dense_truth(a, b, idx)
+        tol = dict(rtol=1e-4, atol=1e-3 * max(1.0, tokens**0.5 / 8))
+        for name in ("csr", "dense"):
+            torch.testing.assert_close(STRATEGIES[name](a, b, idx, cols).double(), truth, **tol)
+        for _ in range(2):  # the first call times the candidates, the second runs the kept one
+            torch.testing.assert_close(sddmm(a, b, idx, cols).double(), truth, **tol)
+    assert set(dispatch.tuned_sddmm_strategies().values()) <= {"csr", "dense", "triton"}
+
+
+@needs_cuda
+def test_cuda_merged_weight_and_growth_stay_on_the_device():
+    device = torch.device("cuda")
+    layer = torch.nn.Linear(65, 33).to(device).to(torch.bfloat16).requires_grad_(False)
+    original = layer.weight.detach().clone()
+    idx = _indices(33 * 65, 100, seed=3).to(device)
+    values = torch.randn(100, device=device)
+    expected = original.clone().view(-1)
+    expected[idx] = (expected[idx].float() + values).to(torch.bfloat16)
+    with merged_weight(DenseBaseWeight(layer), idx, values, torch.bfloat16, "auto") as w:
+        assert torch.equal(w.reshape(-1), expected)
+    assert torch.equal(layer.weight, original)
+    from peft_sparse.selection import grow_random
+
+    excluded = idx.long().sort().values
+    grown = grow_random(33 * 65, excluded, 200, torch.Generator().manual_seed(1))
+    assert grown.device.type == "cuda" and not torch.isin(grown, excluded).any()
+    assert torch.equal(grown.cpu(), grow_random(33 * 65, excluded.cpu(), 200, torch.Generator().manual_seed(1)))
+    rows, cols = torch.rand(257, device=device), torch.rand(1031, device=device)
+    exclude = _indices(257 * 1031, 5000, seed=4).sort().values.to(device)
+    got = topk_outer_product_threshold(rows, cols, exclude, 3000)
+    assert torch.equal(got.cpu(), _topk_brute_force(rows.cpu(), cols.cpu(), exclude.cpu(), 3000))

@@ -12,20 +12,54 @@ import torch
 
 from ..kernels import topk_outer_product
 
+# is_member answers large queries of non-negative positions through a bool table of this many entries at most.
+_MEMBER_TABLE_LIMIT = 1 << 28
+_MEMBER_LARGE_QUERY = 1 << 16
+
 
 def is_member(sorted_set: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Boolean mask: which entries of ``query`` occur in the sorted 1-D tensor ``sorted_set``."""
-    if sorted_set.numel() == 0:
+    """Boolean mask: which entries of ``query`` occur in the sorted 1-D tensor ``sorted_set``.
+
+    Large queries of non-negative integers (positions) are looked up in a bool table indexed by value when the
+    largest value is below ``_MEMBER_TABLE_LIMIT`` (one write per set entry, one read per query, no binary
+    searches); other queries by binary search, sorted first when large (the searches then walk the set forwards).
+    """
+    if sorted_set.numel() == 0 or query.numel() == 0:
         return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
+    large = query.numel() >= _MEMBER_LARGE_QUERY and not query.is_floating_point()
+    if large:
+        low = min(int(query.min()), int(sorted_set[0]))
+        high = max(int(query.max()), int(sorted_set[-1]))
+        if low >= 0 and high < _MEMBER_TABLE_LIMIT:
+            table = torch.zeros(high + 1, dtype=torch.bool, device=query.device)
+            table[sorted_set.long()] = True
+            return table[query.long()]
+        flat = query.reshape(-1)
+        ordered, perm = torch.sort(flat)
+        pos = torch.searchsorted(sorted_set, ordered).clamp(max=sorted_set.numel() - 1)
+        hit = torch.empty_like(flat, dtype=torch.bool)
+        hit[perm] = sorted_set[pos] == ordered
+        return hit.view(query.shape)
     pos = torch.searchsorted(sorted_set, query).clamp(max=sorted_set.numel() - 1)
     return sorted_set[pos] == query
 
 
 def drop_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Slots of the ``k`` entries with the smallest ``|value|`` (changed least), smallest first; ties by slot."""
+    """Slots of the ``k`` entries with the smallest ``|value|`` (changed least), smallest first; ties by slot.
+
+    Only the ``k`` dropped entries are sorted: the ``k``-th smallest magnitude is found by selection first.
+    """
     k = min(k, values.numel())
-    order = torch.sort(values.detach().abs().float(), stable=True).indices
-    return order[:k]
+    magnitude = values.detach().abs().float()
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=values.device)
+    if 4 * k >= magnitude.numel() or bool(torch.isnan(magnitude).any()):
+        return torch.sort(magnitude, stable=True).indices[:k]
+    kth = torch.kthvalue(magnitude, k).values
+    below = torch.nonzero(magnitude < kth).flatten()
+    ties = torch.nonzero(magnitude == kth).flatten()[: k - below.numel()]  # ascending slots
+    chosen = torch.cat([below, ties]).sort().values  # by slot, so the stable sort keeps slot order among equals
+    return chosen[torch.sort(magnitude[chosen], stable=True).indices]
 
 
 def grow_by_accumulated_gradient(
