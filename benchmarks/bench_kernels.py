@@ -1,23 +1,29 @@
 """Speed and memory of the sparse-delta kernels on Llama-7B projection shapes.
 
-Measures, in bf16 on one GPU:
+Measures, in bf16 on one GPU (float32 with ``--device cpu``):
 
-- value gradient: dense ``dY.T @ X`` then gather K entries (what earlier implementations do) against the Triton
-  SDDMM, in its default (operands as given) and token-major (operands transposed first) layouts;
+- value gradient: dense ``dY.T @ X`` then gather K entries (what earlier implementations do) against every strategy
+  behind ``peft_sparse.kernels.sddmm``: ``csr`` (``torch.sparse.sampled_addmm``), ``dense`` (row-blocked dense
+  product, float32 out), the Triton SDDMM in its default (operands as given) and token-major (operands transposed
+  first) layouts, ``gather`` (the reference; CPU only) and ``auto`` (what dispatch picks: timed once per shape on
+  CUDA, the measured crossover on CPU);
 - a linear layer's forward + backward: frozen ``nn.Linear``-style GEMMs, the sparse-delta layer (merged:
   ``apply_delta`` then GEMM, values' gradient by SDDMM; and, where ``tokens * K`` is small enough, the split
   formulation), and LoRA
   of the same parameter count (``r = K / (in + out)``, dropout 0);
-- ``apply_delta`` (clone + scatter) and ``topk_outer_product`` (SpIEL-MA growth) against their PyTorch references;
+- ``apply_delta`` (clone + scatter) against the in-place exact merge + restore the layer now uses, and
+  ``topk_outer_product`` (SpIEL-MA growth): Triton radix select, the chunked reference and the threshold search;
+- one reselection (drop + grow) of an ``[11008, 4096]`` delta at LoRA r=64's budget for SpIEL-random, -MA and -AG;
 - qSpIEL's ``DEQUANT(W_nf4) + Delta`` (NF4, blocksize 64, double-quantised absmax, bf16 output): the fused Triton
   dequantise + delta against bitsandbytes' ``dequantize_4bit`` + clone + ``scatter_add_`` (needs bitsandbytes).
 
 Writes ``bench_kernels_<device>.json``, ``.md`` and ``.png`` into ``--out`` (default ``benchmarks/results/``) with the
-device name and the date. Needs CUDA; ``--device cpu --small`` runs tiny shapes with the Triton kernels in Triton's
-interpreter, only to check that the script works (its timings mean nothing).
+device name and the date. ``--device cpu`` measures the PyTorch strategies (no Triton, no layer and NF4 groups) at
+the Llama-7B shapes on one thread with 512 tokens; ``--device cpu --small`` runs tiny shapes with the Triton kernels in
+Triton's interpreter, only to check that the script works (its timings mean nothing).
 
-Usage: ``python benchmarks/bench_kernels.py [--out DIR] [--repeats N]`` or
-``python benchmarks/bench_kernels.py --device cpu --small``.
+Usage: ``python benchmarks/bench_kernels.py [--out DIR] [--repeats N]``, ``python benchmarks/bench_kernels.py
+--device cpu`` or ``python benchmarks/bench_kernels.py --device cpu --small``.
 """
 
 from __future__ import annotations
@@ -33,9 +39,14 @@ from pathlib import Path
 
 LLAMA_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # [out, in]: q/k/v/o, down, gate/up
 LLAMA_TOKENS = [2048, 8192, 32768]
+CPU_TOKENS = [512]
 SMALL_SHAPES = [(33, 65), (64, 48), (48, 64)]
 SMALL_TOKENS = [16, 37]
-DENSITIES = [0.005, 0.01, 0.025, 0.05]
+DENSITIES = [0.003, 0.01, 0.023, 0.05]
+CPU_DENSITIES = [0.003, 0.01, 0.023]
+# Reselection benchmark: the largest Llama-7B projection at LoRA r=64's budget (K = 64 * (out + in), 2.1 %).
+RESELECTION_SHAPE = (11008, 4096)
+RESELECTION_RANK = 64
 # Fraction of K regrown at a SpIEL-MA reselection (initial_reselection_rate, thesis §7.3.1).
 GROWTH_FRACTION = 0.2
 
@@ -55,9 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=64.0,
         help="run the split formulation only where tokens * K <= this * out * in (it is slow beyond)",
     )
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (default 1)")
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts (default: per device)")
+    parser.add_argument("--densities", default=None, help="comma-separated densities, e.g. 0.003,0.01,0.023")
+    parser.add_argument("--no-reselection", action="store_true", help="skip the reselection group")
+    parser.add_argument("--reselection-only", action="store_true", help="only the reselection group")
     args = parser.parse_args(argv)
-    if args.device == "cpu" and not args.small:
-        parser.error("--device cpu runs Triton's interpreter and needs --small")
     if args.repeats < 1 or args.warmup < 1:
         parser.error(f"--repeats and --warmup must be >= 1, got {args.repeats} and {args.warmup}")
     return args
@@ -66,10 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run every measurement and write the result files; returns the process exit code."""
     args = parse_args(argv)
-    if args.device == "cpu":
+    if args.device == "cpu" and args.small:
         # Must be set before the kernels are defined (at import) for them to run on CPU tensors.
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_kernels: CUDA is not available, nothing measured. Run it on a GPU, or check the script with")
@@ -93,11 +110,21 @@ class Bench:
         self.kernels = kernels
         self.args = args
         self.device = torch.device(args.device)
-        self.dtype = torch.bfloat16
+        # CPU without --small: only the PyTorch strategies, in float32 (CPU half GEMMs and sampled_addmm are not fast)
+        self.cpu_full = self.device.type == "cpu" and not args.small
+        self.triton = not self.cpu_full
+        self.dtype = torch.float32 if self.cpu_full else torch.bfloat16
         self.shapes = SMALL_SHAPES if args.small else LLAMA_SHAPES
-        self.tokens = SMALL_TOKENS if args.small else LLAMA_TOKENS
+        self.tokens = SMALL_TOKENS if args.small else CPU_TOKENS if self.cpu_full else LLAMA_TOKENS
+        self.densities = CPU_DENSITIES if self.cpu_full else DENSITIES
+        if args.tokens:
+            self.tokens = [int(t) for t in args.tokens.split(",")]
+        if args.densities:
+            self.densities = [float(d) for d in args.densities.split(",")]
         if args.small:
             args.repeats, args.warmup = min(args.repeats, 2), 1
+        if self.cpu_full:
+            args.repeats, args.warmup = min(args.repeats, 3), 1
 
     # ------------------------------------------------------------------------------------------------ timing
 
@@ -105,14 +132,17 @@ class Bench:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
 
-    def measure(self, fn) -> dict:
-        """Median milliseconds of ``fn()`` over the repeats, and its peak extra memory in MiB (CUDA only)."""
+    def measure(self, fn, once: bool = False) -> dict:
+        """Median milliseconds of ``fn()`` over the repeats, and its peak extra memory in MiB (CUDA only).
+
+        ``once``: a single timed call without warm-up (slow PyTorch references at full size on the CPU)."""
         torch = self.torch
-        for _ in range(self.args.warmup):
+        for _ in range(0 if once else self.args.warmup):
             fn()
         self._sync()
         times: list[float] = []
-        for _ in range(self.args.repeats):
+        cpu_times: list[float] = []  # CPU: the process's CPU time, which load from other processes hardly changes
+        for _ in range(1 if once else self.args.repeats):
             if self.device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -121,9 +151,10 @@ class Bench:
                 end.synchronize()
                 times.append(start.elapsed_time(end))
             else:
-                began = time.perf_counter()
+                began, began_cpu = time.perf_counter(), time.process_time()
                 fn()
                 times.append((time.perf_counter() - began) * 1e3)
+                cpu_times.append((time.process_time() - began_cpu) * 1e3)
             if len(times) >= 3 and sum(times) > self.args.budget_s * 1e3:
                 break
         peak = None
@@ -134,7 +165,8 @@ class Bench:
             fn()
             self._sync()
             peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20
-        return {"time_ms": statistics.median(times), "repeats": len(times), "peak_mib": peak}
+        cpu_ms = statistics.median(cpu_times) if cpu_times else None
+        return {"time_ms": statistics.median(times), "cpu_ms": cpu_ms, "repeats": len(times), "peak_mib": peak}
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -166,26 +198,89 @@ class Bench:
             "triton": triton.__version__,
             "dtype": str(self.dtype).removeprefix("torch."),
             "small": self.args.small,
-            "interpreter": self.device.type == "cpu",
+            "interpreter": self.device.type == "cpu" and self.args.small,
             "repeats": self.args.repeats,
             "warmup": self.args.warmup,
+            "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            "reselection_only": self.args.reselection_only,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         }
         results = {"meta": meta, "value_gradient": [], "layer": [], "apply_delta": [], "topk_outer_product": []}
         results["nf4_dequant_delta"] = []
-        for out_f, in_f in self.shapes:
-            for density in DENSITIES:
+        results["reselection"] = [] if self.args.no_reselection else self.bench_reselection()
+        for out_f, in_f in [] if self.args.reselection_only else self.shapes:
+            for density in self.densities:
                 results["apply_delta"] += self.bench_apply_delta(out_f, in_f, density)
                 results["topk_outer_product"] += self.bench_topk(out_f, in_f, density)
                 self._free()
-                results["nf4_dequant_delta"] += self.bench_nf4(out_f, in_f, density)
-                self._free()
+                if not self.cpu_full:
+                    results["nf4_dequant_delta"] += self.bench_nf4(out_f, in_f, density)
+                    self._free()
                 for tokens in self.tokens:
                     results["value_gradient"] += self.bench_value_gradient(out_f, in_f, tokens, density)
                     self._free()
-                    results["layer"] += self.bench_layer(out_f, in_f, tokens, density)
-                    self._free()
+                    if not self.cpu_full:
+                        results["layer"] += self.bench_layer(out_f, in_f, tokens, density)
+                        self._free()
                     print(f"done [{out_f}, {in_f}] tokens={tokens} density={density:.3%}", flush=True)
+        if hasattr(os, "getloadavg"):
+            meta["load_average_end"] = list(os.getloadavg())
         return results
+
+    def bench_reselection(self) -> list[dict]:
+        """One drop-and-grow of ``GROWTH_FRACTION`` of K at the reselection shape, per selection method: the
+        ``replace_entries`` plan with the layer's growth function (what ``SpIELLayer.reselect`` runs before it writes
+        the slots and re-seeds the optimizer state)."""
+        torch = self.torch
+        from peft_sparse.selection import (
+            grow_by_accumulated_gradient,
+            grow_by_momentum_approximation,
+            grow_random,
+            replace_entries,
+        )
+
+        out_f, in_f = SMALL_SHAPES[0] if self.args.small else RESELECTION_SHAPE
+        rank = 1 if self.args.small else RESELECTION_RANK
+        numel = out_f * in_f
+        k = rank * (out_f + in_f)
+        regrow = max(1, round(GROWTH_FRACTION * k))
+        gen = torch.Generator(device=self.device).manual_seed(5)
+        indices = self._indices(numel, k).long()
+        values = torch.randn(k, generator=gen, device=self.device)
+        row_stats = torch.rand(out_f, generator=gen, device=self.device) ** 4
+        col_stats = torch.rand(in_f, generator=gen, device=self.device) ** 4
+        candidates = self._indices(numel, k).long().flip(0)
+        mean_grad = torch.randn(k, generator=gen, device=self.device)
+        growth = {
+            "random": (lambda ex, n: grow_random(numel, ex, n, torch.Generator().manual_seed(7)), None),
+            "ma": (lambda ex, n: grow_by_momentum_approximation(row_stats, col_stats, ex, n), None),
+            "ag": (
+                lambda ex, n: grow_by_accumulated_gradient(candidates, mean_grad, ex, n),
+                lambda chosen: candidates[chosen],
+            ),
+        }
+        rows = []
+        # 20 %: a later reselection; all of K: the first one (thesis ch. 7: the random initial positions all go)
+        for count in (regrow, k):
+            for selection, (grow, positions_of) in growth.items():
+
+                def plan(grow=grow, positions_of=positions_of, count=count):
+                    return replace_entries(indices, values, count, grow, positions_of)
+
+                record = self.measure(plan)
+                slots, new_positions, _ = plan()
+                rows.append(
+                    {
+                        "shape": [out_f, in_f],
+                        "k": k,
+                        "regrown": count,
+                        "selection": selection,
+                        **record,
+                        "new_positions": int(new_positions.numel()),
+                    }
+                )
+                print(f"reselection {selection} of {count}: {record['time_ms']:.1f} ms", flush=True)
+        return rows
 
     def bench_value_gradient(self, out_f: int, in_f: int, tokens: int, density: float) -> list[dict]:
         """dL/dvalues of a Linear: dense dY.T @ X + gather against the SDDMM kernel in both layouts."""
@@ -201,23 +296,37 @@ class Bench:
         def dense():
             return (dy.t() @ x).view(-1)[long_idx].float()
 
+        kernels = self.kernels
         methods = {
             "dense_gather": dense,
-            "sddmm": lambda: sddmm_launch(dy, x, idx, in_f),
-            "sddmm_token_major": lambda: sddmm_launch(dy, x, idx, in_f, token_major=True),
+            "csr": lambda: kernels.sddmm_csr(dy, x, idx, in_f),
+            "dense": lambda: kernels.sddmm_dense(dy, x, idx, in_f),
         }
+        if self.triton:
+            methods["sddmm"] = lambda: sddmm_launch(dy, x, idx, in_f)
+            methods["sddmm_token_major"] = lambda: sddmm_launch(dy, x, idx, in_f, token_major=True)
+        if self.device.type == "cpu":
+            methods["gather"] = lambda: kernels.sddmm_reference(dy, x, idx, in_f)
+        methods["auto"] = lambda: kernels.sddmm(dy, x, idx, in_f)
         # float32 oracle: shows the bf16 rounding of the dense path next to the SDDMM's float32 accumulation.
         expected = (dy.float().t() @ x.float()).view(-1)[long_idx]
         rows = []
         for method, fn in methods.items():
-            record = self.measure(fn)
-            flops = 2 * tokens * (numel if method == "dense_gather" else k)
-            if method == "dense_gather":
+            record = self.measure(fn, once=self.cpu_full and method == "gather")
+            dense_like = method in ("dense_gather", "dense")
+            flops = 2 * tokens * (numel if dense_like else k)
+            if dense_like:
                 moved = tokens * (out_f + in_f) * element + numel * element + k * (element + idx.element_size() + 4)
             else:
                 moved = 2 * tokens * k * element + k * (idx.element_size() + 4)
             seconds = record["time_ms"] / 1e3
             max_diff = float((fn() - expected).abs().max())
+            if method == "auto":
+                record["chose"] = kernels.dispatch.choose_sddmm_strategy(dy, x, idx, in_f, "auto")
+                if record["chose"] == "tune":
+                    tuned = [v for key, v in kernels.dispatch.tuned_sddmm_strategies().items() if key[2:4] == (
+                        out_f, in_f)]
+                    record["chose"] = "tuned: " + ",".join(sorted(set(tuned)))
             rows.append(
                 {
                     "shape": [out_f, in_f],
@@ -298,7 +407,15 @@ class Bench:
         values = self.torch.randn(k, device=self.device)
         kernels = self.kernels
         rows = []
-        for method, fn in (("triton", kernels.apply_delta_triton), ("torch_reference", kernels.apply_delta_reference)):
+        from peft_sparse.delta import merge_exact, restore_exact
+
+        def merge_and_restore(weight, idx, values):
+            restore_exact(weight, idx, merge_exact(weight, idx, values))
+
+        methods = [("torch_reference", kernels.apply_delta_reference), ("inplace_merge_restore", merge_and_restore)]
+        if self.triton:
+            methods.insert(0, ("triton", kernels.apply_delta_triton))
+        for method, fn in methods:
             record = self.measure(lambda fn=fn: fn(weight, idx, values))
             moved = 2 * numel * weight.element_size() + k * (2 * weight.element_size() + idx.element_size() + 4)
             rows.append(
@@ -325,16 +442,19 @@ class Bench:
         exclude = self._indices(numel, k).long().sort().values
         kernels = self.kernels
         rows, results = [], {}
-        for method, fn in (
-            ("triton", kernels.topk_outer_product_triton),
+        methods = [
             ("torch_reference", kernels.topk_outer_product_reference),
-        ):
-            record = self.measure(lambda fn=fn: fn(row_scores, col_scores, exclude, grow))
+            ("torch_threshold", kernels.topk_outer_product_threshold),
+        ]
+        if self.triton:
+            methods.insert(0, ("triton", kernels.topk_outer_product_triton))
+        for method, fn in methods:
+            once = self.cpu_full and method == "torch_reference"
+            record = self.measure(lambda fn=fn: fn(row_scores, col_scores, exclude, grow), once=once)
             results[method] = fn(row_scores, col_scores, exclude, grow)
             rows.append({"shape": [out_f, in_f], "density": density, "k": grow, "method": method, **record})
-        same = bool(torch.equal(results["triton"], results["torch_reference"]))
         for row in rows:
-            row["identical_to_reference"] = same
+            row["identical_to_reference"] = bool(torch.equal(results[row["method"]], results["torch_reference"]))
         return rows
 
     def bench_nf4(self, out_f: int, in_f: int, density: float) -> list[dict]:
@@ -442,6 +562,11 @@ def to_markdown(results: dict) -> str:
             f"dtype {meta['dtype']}, median of up to {meta['repeats']} runs after {meta['warmup']} warm-up."
         ),
     ]
+    if meta.get("threads"):
+        parts.append(
+            f"\nCPU threads: {meta['threads']}; load average (1, 5, 15 min) at the start {meta.get('load_average')}, "
+            f"at the end {meta.get('load_average_end')} (the machine is shared: compare methods within a row group)."
+        )
     if meta["interpreter"]:
         parts.append("\n**Smoke run on CPU in Triton's interpreter: the timings say nothing about GPU speed.**")
     parts += [
@@ -456,7 +581,28 @@ def to_markdown(results: dict) -> str:
             "max diff compares with a float32 dense dY.T @ X."
         ),
         "",
-        "## Value gradient: dense dY.T @ X + gather vs SDDMM",
+        "## Reselection (drop + grow 20 % of K, and all of K as at the first reselection; the plan of "
+        "SpIELLayer.reselect before it writes the slots)",
+        "",
+        _table(
+            ["out x in", "K", "regrown", "selection", "ms", "CPU ms", "peak MiB"],
+            [
+                [
+                    f"{r['shape'][0]}x{r['shape'][1]}",
+                    r["k"],
+                    r["regrown"],
+                    r["selection"],
+                    r["time_ms"],
+                    r.get("cpu_ms"),
+                    r["peak_mib"],
+                ]
+                for r in results.get("reselection", [])
+            ],
+        ),
+        "",
+        "## Value gradient: dense dY.T @ X + gather vs the sddmm strategies",
+        "",
+        "`auto` is what `peft_sparse.kernels.sddmm` runs (chose: its pick).",
         "",
     ]
     rows = []
@@ -471,8 +617,9 @@ def to_markdown(results: dict) -> str:
                 r["tokens"],
                 f"{r['density']:.1%}",
                 r["k"],
-                r["method"],
+                r["method"] + (f" ({r['chose']})" if r.get("chose") else ""),
                 r["time_ms"],
+                r.get("cpu_ms"),
                 r["tflops"],
                 r["gbps"],
                 r["peak_mib"],
@@ -489,6 +636,7 @@ def to_markdown(results: dict) -> str:
                 "K",
                 "method",
                 "ms",
+                "CPU ms",
                 "TFLOP/s",
                 "GB/s",
                 "peak MiB",
@@ -498,7 +646,8 @@ def to_markdown(results: dict) -> str:
             rows,
         )
     )
-    parts += ["", "## Linear layer forward + backward (frozen, sparse delta, LoRA of equal parameter count)", ""]
+    if results["layer"]:
+        parts += ["", "## Linear layer forward + backward (frozen, sparse delta, LoRA of equal parameter count)", ""]
     rows = [
         [
             f"{r['shape'][0]}x{r['shape'][1]}",
@@ -514,18 +663,23 @@ def to_markdown(results: dict) -> str:
         ]
         for r in results["layer"]
     ]
-    parts.append(
-        _table(
-            ["out x in", "tokens", "density", "K", "LoRA r", "method", "ms", "x frozen", "TFLOP/s eq.", "peak MiB"],
-            rows,
-        )
-    )
+    headers = ["out x in", "tokens", "density", "K", "LoRA r", "method", "ms", "x frozen", "TFLOP/s eq.", "peak MiB"]
+    if rows:
+        parts.append(_table(headers, rows))
     parts += ["", "## apply_delta (new tensor W + scatter)", ""]
     rows = [
-        [f"{r['shape'][0]}x{r['shape'][1]}", f"{r['density']:.1%}", r["k"], r["method"], r["time_ms"], r["gbps"]]
+        [
+            f"{r['shape'][0]}x{r['shape'][1]}",
+            f"{r['density']:.1%}",
+            r["k"],
+            r["method"],
+            r["time_ms"],
+            r.get("cpu_ms"),
+            r["gbps"],
+        ]
         for r in results["apply_delta"]
     ]
-    parts.append(_table(["out x in", "density", "K", "method", "ms", "GB/s"], rows))
+    parts.append(_table(["out x in", "density", "K", "method", "ms", "CPU ms", "GB/s"], rows))
     parts += ["", f"## topk_outer_product (SpIEL-MA growth of {GROWTH_FRACTION:.0%} of K, K active excluded)", ""]
     rows = [
         [
@@ -534,12 +688,14 @@ def to_markdown(results: dict) -> str:
             r["k"],
             r["method"],
             r["time_ms"],
+            r.get("cpu_ms"),
             r["peak_mib"],
             r["identical_to_reference"],
         ]
         for r in results["topk_outer_product"]
     ]
-    parts.append(_table(["out x in", "density", "k grown", "method", "ms", "peak MiB", "same as reference"], rows))
+    headers = ["out x in", "density", "k grown", "method", "ms", "CPU ms", "peak MiB", "same as reference"]
+    parts.append(_table(headers, rows))
     if results.get("nf4_dequant_delta"):
         parts += [
             "",
@@ -590,8 +746,9 @@ def plot(results: dict, path: Path) -> bool:
     shapes = sorted({tuple(r["shape"]) for r in results["value_gradient"]})
     tokens = sorted({r["tokens"] for r in results["value_gradient"]})
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(2, len(shapes), figsize=(5 * len(shapes), 8), squeeze=False)
-    for row, group in enumerate(("value_gradient", "layer")):
+    groups = [g for g in ("value_gradient", "layer") if results[g]]
+    fig, axes = plt.subplots(len(groups), len(shapes), figsize=(5 * len(shapes), 4 * len(groups)), squeeze=False)
+    for row, group in enumerate(groups):
         methods = sorted({r["method"] for r in results[group]})
         colors = {m: f"C{i}" for i, m in enumerate(methods)}
         for col, shape in enumerate(shapes):
@@ -629,6 +786,8 @@ def write_results(results: dict, out: Path) -> None:
     slug = "".join(ch if ch.isalnum() else "_" for ch in meta["device"]).strip("_").lower() or "device"
     if meta["small"]:
         slug += "_small"
+    if meta.get("reselection_only"):
+        slug += "_reselection"
     stem = out / f"bench_kernels_{slug}"
     Path(f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     markdown = to_markdown(results)

@@ -1,41 +1,87 @@
 """The forward and backward of a linear layer whose weight carries sparse deltas.
 
 ``y = x @ (W + scatter(indices, values)).T + b``. The base weight ``W`` never gets a gradient; the values get
-``grad[n] = sum_t dy[t, o_n] * x[t, i_n]`` through the SDDMM op, so the dense ``dy.T @ x`` is never formed.
-``W + delta`` is rebuilt in the backward instead of being kept alive between forward and backward.
+``grad[n] = sum_t dy[t, o_n] * x[t, i_n]`` through the SDDMM op (``kernels.dispatch.sddmm`` chooses how).
+
+``W + delta`` exists only while the forward product and the backward product run, never between them. For a dense
+base weight whose dtype is the compute dtype it is not a copy either: the delta is added into ``W`` in place, exactly
+as ``merge`` does (each sum rounded once), and the overwritten entries are written back bit for bit right after the
+product (``merged_weight``), which costs O(K) instead of a copy of ``W``. Other weights (4-bit, or a compute dtype that
+differs from the stored one) get a fresh dense ``W + delta``. ``PEFT_SPARSE_INPLACE_MERGE=0`` always copies.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import os
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .kernels import sddmm
+from .kernels import sddmm, sorted_positions
 
 # observer(a, b, ncols): called in the backward with the two factors of the dense weight gradient,
 # grad_W[r, c] = sum_t a[t, r] * b[t, c] in the stored weight layout.
 GradientObserver = Callable[[torch.Tensor, torch.Tensor, int], None]
 
 
+INPLACE_ENV_VAR = "PEFT_SPARSE_INPLACE_MERGE"
+
+
+@contextlib.contextmanager
+def merged_weight(
+    base_weight, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, backend: str
+) -> Iterator[torch.Tensor]:
+    """``W + scatter(indices, values)`` in ``dtype`` for the duration of the ``with`` block.
+
+    In place (an exact merge undone bit for bit on exit, even after an exception) when the base weight allows it
+    (``merge_is_exact``), is frozen, contiguous and already has ``dtype``; a new tensor otherwise. The caller must not
+    keep the yielded tensor past the block.
+    """
+    weight = getattr(base_weight, "tensor", None)
+    in_place = (
+        getattr(base_weight, "merge_is_exact", False)
+        and weight is not None
+        and weight.dtype == dtype
+        and not weight.requires_grad
+        and weight.is_contiguous()
+        and os.environ.get(INPLACE_ENV_VAR, "1") != "0"
+    )
+    if not in_place:
+        yield base_weight.with_delta(indices, values, dtype, backend)
+        return
+    flat = weight.data.view(-1)  # .data: the merge is undone before anything else reads W, as in merge_exact
+    # row-major order (cached per indices tensor): the gathers and writes walk W forwards
+    order = sorted_positions(indices, *weight.shape)
+    originals = flat.index_select(0, order.sorted)
+    # one rounding to the weight's dtype, as apply_delta and merge_exact do
+    merged = (originals.float() + values.detach().float().index_select(0, order.perm)).to(flat.dtype)
+    flat.index_copy_(0, order.sorted, merged)
+    try:
+        yield weight.detach()
+    finally:
+        flat.index_copy_(0, order.sorted, originals)
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, indices, values, base_weight, transposed, compute_dtype, observer, backend):
-        w_eff = base_weight.with_delta(indices, values, compute_dtype, backend)
+        with merged_weight(base_weight, indices, values, compute_dtype, backend) as w_eff:
+            out = F.linear(x, w_eff.t() if transposed else w_eff, bias)
         ctx.save_for_backward(x, indices, values)
         ctx.base_weight, ctx.transposed, ctx.compute_dtype = base_weight, transposed, compute_dtype
         ctx.observer, ctx.backend, ctx.has_bias = observer, backend, bias is not None
-        return F.linear(x, w_eff.t() if transposed else w_eff, bias)
+        return out
 
     @staticmethod
     def backward(ctx, dy):
         x, indices, values = ctx.saved_tensors
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            # rebuilt rather than kept from the forward: one weight copy alive at a time
-            w_eff = ctx.base_weight.with_delta(indices, values, ctx.compute_dtype, ctx.backend)
-            grad_x = dy @ (w_eff.t() if ctx.transposed else w_eff)
+            # rebuilt rather than kept from the forward: no weight copy alive between them
+            with merged_weight(ctx.base_weight, indices, values, ctx.compute_dtype, ctx.backend) as w_eff:
+                grad_x = dy @ (w_eff.t() if ctx.transposed else w_eff)
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(-1, dy.shape[-1])
         # stored-layout factors: Linear weight is [out, in], Conv1D weight is [in, out]

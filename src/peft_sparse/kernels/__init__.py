@@ -9,23 +9,30 @@ from .apply_delta import apply_delta_reference, apply_delta_triton
 from .dequantize_nf4 import dequantize_nf4_delta_reference, dequantize_nf4_delta_triton
 from .dispatch import (
     BACKENDS,
+    SDDMM_STRATEGIES,
     apply_delta,
     dequantize_nf4_delta,
     register_triton_op,
     requested_backend,
     resolve,
     sddmm,
+    set_sddmm_strategy,
     sparse_delta_matmul,
     topk_outer_product,
 )
-from .sddmm import sddmm_reference, sddmm_triton
+from .positions import SortedPositions, sorted_positions
+from .sddmm import sddmm_csr, sddmm_dense, sddmm_reference, sddmm_triton
 from .sparse_delta_matmul import (
     SparseDeltaMatmul,
     sparse_delta_matmul_reference,
     sparse_delta_matmul_triton,
     sparse_delta_product,
 )
-from .topk_outer_product import topk_outer_product_reference, topk_outer_product_triton
+from .topk_outer_product import (
+    topk_outer_product_reference,
+    topk_outer_product_threshold,
+    topk_outer_product_triton,
+)
 
 # Without Triton the op modules define no kernels, and dispatch keeps serving the references.
 if _triton.triton is not None:
@@ -37,6 +44,8 @@ if _triton.triton is not None:
 
 __all__ = [
     "BACKENDS",
+    "SDDMM_STRATEGIES",
+    "SortedPositions",
     "SparseDeltaMatmul",
     "apply_delta",
     "apply_delta_reference",
@@ -48,13 +57,18 @@ __all__ = [
     "requested_backend",
     "resolve",
     "sddmm",
+    "sddmm_csr",
+    "sddmm_dense",
     "sddmm_reference",
     "sddmm_triton",
+    "set_sddmm_strategy",
+    "sorted_positions",
     "sparse_delta_matmul",
     "sparse_delta_matmul_reference",
     "sparse_delta_matmul_triton",
     "sparse_delta_product",
     "topk_outer_product",
     "topk_outer_product_reference",
+    "topk_outer_product_threshold",
     "topk_outer_product_triton",
 ]

@@ -4,12 +4,16 @@
 "triton"; the environment variable ``PEFT_SPARSE_KERNEL_BACKEND`` overrides the setting. A request that cannot be
 served by Triton runs the PyTorch reference and says why once in the log. Triton kernels run on CPU tensors only in
 Triton's interpreter (``TRITON_INTERPRET=1`` set before ``peft_sparse`` is imported), which is what the tests use.
+
+``sddmm`` (the value gradient, the hot op of a training step) has several strategies (``SDDMM_STRATEGIES``); see
+``choose_sddmm_strategy``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -17,14 +21,20 @@ import torch
 from . import _triton
 from .apply_delta import apply_delta_reference
 from .dequantize_nf4 import dequantize_nf4_delta_reference
-from .sddmm import sddmm_reference
+from .sddmm import sddmm_csr, sddmm_dense, sddmm_reference
 from .sparse_delta_matmul import sparse_delta_matmul_reference
-from .topk_outer_product import topk_outer_product_reference
+from .topk_outer_product import topk_outer_product_reference, topk_outer_product_threshold
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "PEFT_SPARSE_KERNEL_BACKEND"
+SDDMM_STRATEGIES = ("auto", "csr", "dense", "gather", "triton")
+SDDMM_ENV_VAR = "PEFT_SPARSE_SDDMM_STRATEGY"
+# CPU: below this density (K / (rows * cols)) ``csr`` wins, above it ``dense``. Measured with
+# benchmarks/bench_kernels.py (one thread, [2816, 1024] and Llama-7B shapes, 512-4096 tokens): csr is 3-5x faster at
+# 0.3-2.3 %, about even at 10 %.
+CPU_CSR_MAX_DENSITY = 0.08
 
 # op name -> (reference, triton implementation or None)
 _OPS: dict[str, tuple[Callable, Callable | None]] = {
@@ -109,9 +119,108 @@ def dequantize_nf4_delta(
     return resolve("dequantize_nf4_delta", packed.device, setting)(packed, quant_state, indices, values, out_dtype)
 
 
+_SDDMM_FUNCTIONS: dict[str, Callable] = {"csr": sddmm_csr, "dense": sddmm_dense, "gather": sddmm_reference}
+_sddmm_pinned: str | None = None
+# (device, dtype, rows, ncols, K bucket, token bucket, candidates) -> strategy chosen by timing
+_sddmm_tuned: dict[tuple, str] = {}
+
+
+def set_sddmm_strategy(strategy: str | None) -> None:
+    """Pin the value-gradient strategy for the process (one of ``SDDMM_STRATEGIES``; None or "auto" to choose).
+
+    The environment variable ``PEFT_SPARSE_SDDMM_STRATEGY`` takes precedence.
+    """
+    global _sddmm_pinned
+    if strategy is not None and strategy not in SDDMM_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SDDMM_STRATEGIES} or None, got {strategy!r}")
+    _sddmm_pinned = None if strategy in (None, "auto") else strategy
+
+
+def pinned_sddmm_strategy() -> str | None:
+    """The strategy pinned by ``PEFT_SPARSE_SDDMM_STRATEGY`` or ``set_sddmm_strategy``, else None; validated."""
+    value = os.environ.get(SDDMM_ENV_VAR)
+    if value:
+        if value not in SDDMM_STRATEGIES:
+            raise ValueError(f"{SDDMM_ENV_VAR} must be one of {SDDMM_STRATEGIES}, got {value!r}")
+        return None if value == "auto" else value
+    return _sddmm_pinned
+
+
+def _bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (shapes that differ a little share one timing)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _time_strategies(candidates: list[str], run: Callable[[str], torch.Tensor], device: torch.device):
+    """Run each candidate twice (warm-up, then timed); return the fastest and its result."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best, best_time, best_out = None, float("inf"), None
+    for name in candidates:
+        run(name)
+        sync()
+        started = time.perf_counter()
+        out = run(name)
+        sync()
+        elapsed = time.perf_counter() - started
+        if elapsed < best_time:
+            best, best_time, best_out = name, elapsed, out
+    return best, best_out
+
+
+def choose_sddmm_strategy(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int, setting: str) -> str:
+    """The strategy ``sddmm`` runs for these operands, or "tune" when it must time the candidates.
+
+    In order: a pinned strategy (``PEFT_SPARSE_SDDMM_STRATEGY``, ``set_sddmm_strategy``); ``kernel_backend`` "triton"
+    (setting or ``PEFT_SPARSE_KERNEL_BACKEND``) runs the Triton kernel; off CUDA the measured crossover
+    ``CPU_CSR_MAX_DENSITY`` picks ``csr`` or ``dense``; on CUDA "tune": the candidates are timed once per (shape, K,
+    dtype, tokens) bucket and the fastest is kept, as ``cudnn.benchmark`` does. ``dense`` is always a candidate, so
+    the choice is never slower than dense + gather (up to timing noise).
+    """
+    backend = requested_backend(setting)
+    pinned = pinned_sddmm_strategy()
+    if pinned is not None:
+        return pinned
+    if backend == "triton":
+        return "triton"
+    if a.device.type != "cuda":
+        density = indices.numel() / max(1, a.shape[1] * ncols)
+        return "csr" if density < CPU_CSR_MAX_DENSITY else "dense"
+    return "tune"
+
+
+def _run_sddmm_strategy(
+    name: str, a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int
+) -> torch.Tensor:
+    if name == "triton":
+        return resolve("sddmm", a.device, "triton")(a, b, indices, ncols)
+    return _SDDMM_FUNCTIONS[name](a, b, indices, ncols)
+
+
 def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int, setting: str = "auto") -> torch.Tensor:
-    """``out[n] = sum_t a[t, idx // ncols] * b[t, idx % ncols]`` in float32, on the chosen backend."""
-    return resolve("sddmm", a.device, setting)(a, b, indices, ncols)
+    """``out[n] = sum_t a[t, idx // ncols] * b[t, idx % ncols]`` in float32, by the strategy
+    ``choose_sddmm_strategy`` picks."""
+    strategy = choose_sddmm_strategy(a, b, indices, ncols, setting)
+    if strategy != "tune":
+        return _run_sddmm_strategy(strategy, a, b, indices, ncols)
+    candidates = ["csr", "dense"]
+    if requested_backend(setting) == "auto" and _OPS["sddmm"][1] is not None:
+        candidates.append("triton")
+    key = (
+        str(a.device), a.dtype, a.shape[1], ncols, _bucket(indices.numel()), _bucket(a.shape[0]), tuple(candidates)
+    )
+    chosen = _sddmm_tuned.get(key)
+    if chosen is not None:
+        return _run_sddmm_strategy(chosen, a, b, indices, ncols)
+    chosen, out = _time_strategies(candidates, lambda n: _run_sddmm_strategy(n, a, b, indices, ncols), a.device)
+    _sddmm_tuned[key] = chosen
+    logger.info("peft_sparse: sddmm %s for key %s", chosen, key)
+    return out
+
+
+def tuned_sddmm_strategies() -> dict[tuple, str]:
+    """The strategies chosen by timing so far (a copy), keyed by (device, dtype, rows, ncols, K, tokens,
+    candidates)."""
+    return dict(_sddmm_tuned)
 
 
 def sparse_delta_matmul(
@@ -131,5 +240,10 @@ def topk_outer_product(
     row_scores: torch.Tensor, col_scores: torch.Tensor, exclude_sorted: torch.Tensor, k: int, setting: str = "auto"
 ) -> torch.Tensor:
     """Flat positions (int64, ascending) of the ``k`` largest ``row_scores[o] * col_scores[i]`` not in
-    ``exclude_sorted`` (strictly increasing flat positions); ties go to the lower position. On the chosen backend."""
-    return resolve("topk_outer_product", row_scores.device, setting)(row_scores, col_scores, exclude_sorted, k)
+    ``exclude_sorted`` (strictly increasing flat positions); ties go to the lower position. On the chosen backend;
+    the PyTorch backend runs ``topk_outer_product_threshold`` (the reference's result without scoring every
+    position)."""
+    fn = resolve("topk_outer_product", row_scores.device, setting)
+    if fn is topk_outer_product_reference:
+        fn = topk_outer_product_threshold
+    return fn(row_scores, col_scores, exclude_sorted, k)

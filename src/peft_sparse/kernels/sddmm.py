@@ -14,16 +14,31 @@ copy): the gathers along a token row are scattered. ``token_major=True`` first c
 ``[features, tokens]`` so that each position reads a contiguous run of tokens, at the cost of one transposed copy of
 ``a`` and ``b``. Which is faster has not been measured (no GPU was available when this was written); the default
 avoids the extra memory, and ``benchmarks/bench_kernels.py`` times both.
+
+Strategies. Besides the gather reference and that kernel, two PyTorch strategies compute the same K numbers, both on
+the positions in row-major order (``sorted_positions``, cached per indices tensor, so the slots keep their order):
+
+- ``csr``: ``torch.sparse.sampled_addmm`` on a CSR matrix of the positions (MKL on CPU, cuSPARSE's SDDMM on CUDA),
+  float32 operands;
+- ``dense``: the dense product ``a.T @ b`` (the compute dtype in, float32 out; tensor cores on a GPU) and a gather,
+  a block of rows at a time so that at most ``DENSE_CHUNK_ELEMENTS`` numbers of it exist at once.
+
+``dispatch.sddmm`` chooses among them (see ``choose_sddmm_strategy`` there).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ._triton import INTERPRETED, cdiv, multiprocessor_count, tl, triton
+from .positions import sorted_positions
 
 # Rows of (tokens x K) gathered at once by the reference; bounds its working memory.
 _REFERENCE_CHUNK_ELEMENTS = 1 << 24
+# Numbers of the dense product formed at once by the ``dense`` strategy (256 MiB of float32).
+DENSE_CHUNK_ELEMENTS = 1 << 26
 
 # Explicit, unmeasured launch configuration: positions per program and tokens per inner step.
 BLOCK_K = 64
@@ -184,3 +199,71 @@ def sddmm_launch(
 def sddmm_triton(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int) -> torch.Tensor:
     """Triton version of ``sddmm_reference`` (same arguments, float32 ``[K]`` result), default configuration."""
     return sddmm_launch(a, b, indices, ncols)
+
+
+def _float32_operand(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def sddmm_csr(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int) -> torch.Tensor:
+    """``sddmm_reference`` by ``torch.sparse.sampled_addmm`` on the row-major (CSR) order of ``indices``.
+
+    The operands are used in float32 (the sparse kernels take no half types); the result is in the slot order of
+    ``indices``.
+    """
+    check_sddmm_args(a, b, indices, ncols)
+    k = indices.numel()
+    out = torch.zeros(k, dtype=torch.float32, device=a.device)
+    if k == 0 or a.shape[0] == 0:
+        return out
+    order = sorted_positions(indices, a.shape[1], ncols)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta", "invariant checks off"
+        # zeros, not empty: sampled_addmm computes beta * input even for beta = 0, and 0 * NaN garbage is NaN
+        pattern = torch.sparse_csr_tensor(
+            order.crow, order.col, torch.zeros(k, dtype=torch.float32, device=a.device), (a.shape[1], ncols)
+        )
+        sampled = torch.sparse.sampled_addmm(pattern, _float32_operand(a).t(), _float32_operand(b), beta=0.0)
+    return out.index_copy_(0, order.perm, sampled.values())
+
+
+def _mm_float32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y`` in float32: half operands stay half (tensor cores) with float32 accumulation and output where
+    ``torch.mm(..., out_dtype=)`` exists (CUDA), else they are widened first."""
+    if x.dtype == torch.float32:
+        return x @ y
+    if x.device.type == "cuda":
+        try:
+            return torch.mm(x, y, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return x.float() @ y.float()
+
+
+def sddmm_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int) -> torch.Tensor:
+    """``sddmm_reference`` by the dense product ``a.T @ b`` and a gather, a block of rows at a time.
+
+    Each block holds at most ``DENSE_CHUNK_ELEMENTS`` numbers; the positions of a block are a contiguous run of the
+    row-major order, so each block gathers only its own entries.
+    """
+    check_sddmm_args(a, b, indices, ncols)
+    k = indices.numel()
+    out = torch.zeros(k, dtype=torch.float32, device=a.device)
+    if k == 0 or a.shape[0] == 0:
+        return out
+    if a.dtype != b.dtype:
+        a, b = a.float(), b.float()
+    nrows = a.shape[1]
+    step = max(1, DENSE_CHUNK_ELEMENTS // ncols)
+    if step >= nrows:
+        out[:] = _mm_float32(a.t(), b).view(-1)[indices.long()]
+        return out
+    order = sorted_positions(indices, nrows, ncols)
+    bounds = order.crow[:: step].tolist() + ([int(order.crow[-1])] if nrows % step else [])
+    for block, r0 in enumerate(range(0, nrows, step)):
+        lo, hi = bounds[block], bounds[block + 1]
+        if lo == hi:
+            continue
+        product = _mm_float32(a[:, r0 : r0 + step].t(), b)
+        out[order.perm[lo:hi]] = product.view(-1)[order.sorted[lo:hi] - r0 * ncols]
+    return out

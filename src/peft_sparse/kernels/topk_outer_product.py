@@ -305,3 +305,84 @@ def topk_outer_product_triton(
     if result.numel() != k:
         raise RuntimeError(f"topk_outer_product_triton selected {result.numel()} positions, expected k = {k}")
     return result
+
+
+def topk_outer_product_threshold(
+    row_scores: torch.Tensor, col_scores: torch.Tensor, exclude_sorted: torch.Tensor, k: int
+) -> torch.Tensor:
+    """``topk_outer_product_reference`` (same result, bit for bit) for non-negative scores, in ``O((out + K) log)``
+    work instead of scoring all ``out * in`` positions; signed scores go to the reference.
+
+    With the columns sorted by score, the positions of row ``o`` scoring at least ``t`` are a prefix of that order,
+    found by one ``searchsorted``, so how many positions score ``>= t`` is known for any ``t`` without enumerating
+    them. A bisection finds the largest ``t`` at which (by float64 products, excluded positions subtracted) at least
+    ``k`` free positions remain; those positions (a hair more, to cover the rounding of float32 products) are then
+    enumerated, scored exactly as the reference scores them, and the best ``k`` taken with ties to the lower position.
+    If the float32 scores of the enumerated set fall short of ``k`` at ``t`` (rounding), ``t`` is lowered and the
+    search repeated; if it leaves float32's normal range (e.g. the ``k``-th best score is 0) the reference runs
+    instead.
+    """
+    check_topk_outer_product_args(row_scores, col_scores, exclude_sorted, k)
+    device = row_scores.device
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    rows, cols = row_scores.float(), col_scores.float()
+    if bool((rows < 0).any()) or bool((cols < 0).any()):
+        return topk_outer_product_reference(row_scores, col_scores, exclude_sorted, k)
+    n_rows, n_cols = rows.numel(), cols.numel()
+    exclude = exclude_sorted.long()
+    ex_rows = torch.div(exclude, n_cols, rounding_mode="floor")
+    ex_exact = (rows.double()[ex_rows] * cols.double()[exclude - ex_rows * n_cols]).sort().values
+    col_sorted, col_order = torch.sort(cols, descending=True, stable=True)
+    neg_cols64 = -col_sorted.double()
+    rows64 = rows.double()
+
+    def per_row(t: float) -> torch.Tensor:
+        # positions of each row whose exact (float64) product is >= t: a prefix of the sorted columns
+        bound = torch.where(rows64 > 0, t / rows64, torch.full_like(rows64, float("inf")))
+        return torch.searchsorted(neg_cols64, -bound, right=True)
+
+    def free_count(t: float) -> int:
+        excluded_above = ex_exact.numel() - int(torch.searchsorted(ex_exact, torch.tensor(t, dtype=torch.float64,
+                                                                                           device=device)))
+        return int(per_row(t).sum()) - excluded_above
+
+    hi = float(rows64.max()) * float(col_sorted[0].double()) * 2.0 + 1e-300
+    target = k
+    for _ in range(4):
+        # bisection for the largest t with at least target free positions (stop once within 1 % + 64 of it)
+        lo_t, hi_t = 0.0, hi
+        for _ in range(200):
+            mid = 0.5 * (lo_t + hi_t) if lo_t > 0 else hi_t / 2.0 if hi_t > 1e-30 * hi else 0.0
+            if mid in (lo_t, hi_t):
+                break
+            count = free_count(mid)
+            if count >= target:
+                lo_t = mid
+                if count <= target + target // 100 + 64:
+                    break
+            else:
+                hi_t = mid
+        t = lo_t
+        if not 2.0**-100 <= t <= 2.0**100:
+            # near float32's subnormal or overflow range the float32 product is not within 2**-24 of the exact one
+            break
+        counts = per_row(t * (1.0 - 2.0**-20))
+        total = int(counts.sum())
+        starts = torch.cumsum(counts, 0) - counts
+        cand_rows = torch.repeat_interleave(torch.arange(n_rows, device=device), counts)
+        cand_cols = col_order[torch.arange(total, device=device) - starts[cand_rows]]
+        positions = cand_rows * n_cols + cand_cols
+        if exclude.numel():
+            slot = torch.searchsorted(exclude, positions).clamp_max(exclude.numel() - 1)
+            free = exclude[slot] != positions
+            positions, cand_rows, cand_cols = positions[free], cand_rows[free], cand_cols[free]
+        scores = rows[cand_rows] * cols[cand_cols]  # float32, as the reference scores
+        if int((scores.double() >= t).sum()) < k:
+            target = 2 * target + 64  # rounding left fewer than k at t: search again further down
+            continue
+        kth = torch.kthvalue(scores, scores.numel() - k + 1).values
+        above = scores > kth
+        ties = positions[scores == kth].sort().values[: k - int(above.sum())]
+        return torch.cat([positions[above], ties]).sort().values
+    return topk_outer_product_reference(row_scores, col_scores, exclude_sorted, k)

@@ -12,20 +12,54 @@ import torch
 
 from ..kernels import topk_outer_product
 
+# is_member answers large queries of non-negative positions through a bool table of this many entries at most.
+_MEMBER_TABLE_LIMIT = 1 << 28
+_MEMBER_LARGE_QUERY = 1 << 16
+
 
 def is_member(sorted_set: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Boolean mask: which entries of ``query`` occur in the sorted 1-D tensor ``sorted_set``."""
-    if sorted_set.numel() == 0:
+    """Boolean mask: which entries of ``query`` occur in the sorted 1-D tensor ``sorted_set``.
+
+    Large queries of non-negative integers (positions) are looked up in a bool table indexed by value when the
+    largest value is below ``_MEMBER_TABLE_LIMIT`` (one write per set entry, one read per query, no binary
+    searches); other queries by binary search, sorted first when large (the searches then walk the set forwards).
+    """
+    if sorted_set.numel() == 0 or query.numel() == 0:
         return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
+    large = query.numel() >= _MEMBER_LARGE_QUERY and not query.is_floating_point()
+    if large:
+        low = min(int(query.min()), int(sorted_set[0]))
+        high = max(int(query.max()), int(sorted_set[-1]))
+        if low >= 0 and high < _MEMBER_TABLE_LIMIT:
+            table = torch.zeros(high + 1, dtype=torch.bool, device=query.device)
+            table[sorted_set.long()] = True
+            return table[query.long()]
+        flat = query.reshape(-1)
+        ordered, perm = torch.sort(flat)
+        pos = torch.searchsorted(sorted_set, ordered).clamp(max=sorted_set.numel() - 1)
+        hit = torch.empty_like(flat, dtype=torch.bool)
+        hit[perm] = sorted_set[pos] == ordered
+        return hit.view(query.shape)
     pos = torch.searchsorted(sorted_set, query).clamp(max=sorted_set.numel() - 1)
     return sorted_set[pos] == query
 
 
 def drop_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Slots of the ``k`` entries with the smallest ``|value|`` (changed least), smallest first; ties by slot."""
+    """Slots of the ``k`` entries with the smallest ``|value|`` (changed least), smallest first; ties by slot.
+
+    Only the ``k`` dropped entries are sorted: the ``k``-th smallest magnitude is found by selection first.
+    """
     k = min(k, values.numel())
-    order = torch.sort(values.detach().abs().float(), stable=True).indices
-    return order[:k]
+    magnitude = values.detach().abs().float()
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=values.device)
+    if 4 * k >= magnitude.numel() or bool(torch.isnan(magnitude).any()):
+        return torch.sort(magnitude, stable=True).indices[:k]
+    kth = torch.kthvalue(magnitude, k).values
+    below = torch.nonzero(magnitude < kth).flatten()
+    ties = torch.nonzero(magnitude == kth).flatten()[: k - below.numel()]  # ascending slots
+    chosen = torch.cat([below, ties]).sort().values  # by slot, so the stable sort keeps slot order among equals
+    return chosen[torch.sort(magnitude[chosen], stable=True).indices]
 
 
 def grow_by_accumulated_gradient(
@@ -51,34 +85,87 @@ def grow_by_momentum_approximation(
 
 
 def grow_random(numel: int, excluded_sorted: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """``k`` distinct positions in ``[0, numel)`` outside ``excluded_sorted``, uniformly at random (CPU, int64)."""
-    excluded_sorted = excluded_sorted.cpu()
+    """``k`` distinct positions in ``[0, numel)`` outside ``excluded_sorted``, uniformly at random; int64, ascending,
+    on ``excluded_sorted``'s device.
+
+    Exactly uniform over the ``k``-subsets of the free positions and a function of ``generator``'s state alone (the
+    same positions on every device). No permutation of all positions: ``sample_ranks`` draws ``k`` distinct ranks
+    among the ``numel - len(excluded)`` free positions (the draws run on ``generator``'s device), and
+    ``free_positions_of_ranks`` maps them to positions with one ``searchsorted`` over the excluded set, on its device.
+    """
+    device = excluded_sorted.device
+    excluded_sorted = excluded_sorted.long()
     available = numel - excluded_sorted.numel()
     k = min(k, available)
     if k <= 0:
-        return torch.zeros(0, dtype=torch.long)
-    if 4 * k >= available or numel <= (1 << 22):
-        # dense enough that rejection sampling would loop: permute the free positions
-        free = torch.ones(numel, dtype=torch.bool)
-        free[excluded_sorted] = False
-        pool = free.nonzero().squeeze(1)
-        return pool[torch.randperm(pool.numel(), generator=generator)[:k]]
-    chosen = torch.zeros(0, dtype=torch.long)
-    while chosen.numel() < k:
-        draw = torch.randint(numel, (2 * (k - chosen.numel()) + 16,), generator=generator)
-        draw = draw[~is_member(excluded_sorted, draw)]
-        merged = torch.cat([chosen, draw])
-        uniq, first = _first_occurrence(merged)
-        chosen = merged[first]
-    return chosen[:k]
+        return torch.zeros(0, dtype=torch.long, device=device)
+    ranks = sample_ranks(available, k, generator).to(device)
+    return free_positions_of_ranks(excluded_sorted, ranks)
 
 
-def _first_occurrence(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique values of ``x`` and the positions of their first occurrences, in order of occurrence."""
-    uniq, inverse = torch.unique(x, return_inverse=True)
-    first = torch.full((uniq.numel(),), x.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(x.numel()), reduce="amin")
-    return uniq, first.sort().values
+def free_positions_of_ranks(excluded_sorted: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """The free positions (those not in the sorted ``excluded_sorted``) with the given 0-based ``ranks`` among the
+    free positions in ascending order; ascending ``ranks`` give ascending positions.
+
+    Free position of rank ``j`` is ``j + #{i : excluded[i] - i <= j}``: ``excluded[i] - i`` counts the free positions
+    below ``excluded[i]`` and is non-decreasing.
+    """
+    if excluded_sorted.numel() == 0:
+        return ranks.clone()
+    gaps = excluded_sorted - torch.arange(excluded_sorted.numel(), device=excluded_sorted.device)
+    return ranks + torch.searchsorted(gaps, ranks, right=True)
+
+
+def sample_ranks(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` distinct integers in ``[0, n)``, ascending, every ``k``-subset equally likely; on ``generator``'s device.
+
+    Draws independent uniform integers (each from ``[0, 2**b)``, ``2**b >= n``, rejecting those ``>= n``, so no modulo
+    bias) until at least ``k`` distinct ones are seen, then leaves out a uniformly random ``seen - k`` of them (drawn
+    the same way among the seen ones). Conditioned on how many distinct values were seen, the seen set is a uniform
+    subset (the draws are exchangeable), hence so is the kept one. When ``k > n / 2`` the ``n - k`` values left out
+    are drawn instead; ranges up to ``_PERMUTE_LIMIT`` are permuted. Distinct values are tracked in an ``n``-entry
+    bool mask (up to ``_MASK_LIMIT`` entries; by sorting above that).
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    device = generator.device
+    if n <= _PERMUTE_LIMIT:
+        return torch.randperm(n, generator=generator, device=device)[:k].sort().values
+    if 2 * k > n:
+        keep = torch.ones(n, dtype=torch.bool, device=device)
+        keep[sample_ranks(n, n - k, generator)] = False
+        return keep.nonzero().squeeze(1)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    span = 1 << max(1, (n - 1).bit_length())
+    use_mask = n <= _MASK_LIMIT
+    seen_mask = torch.zeros(n, dtype=torch.bool, device=device) if use_mask else None
+    seen = torch.zeros(0, dtype=torch.long, device=device)
+    count = 0
+    while count < k:
+        # a draw is new with probability about 1 - count / n; ask for 10 % more than expected, and / acceptance
+        want = int(1.1 * (k - count) / (1.0 - count / n)) + 64
+        draws = torch.randint(span, (int(want * span / n) + 16,), generator=generator, device=device)
+        draws = draws[draws < n]
+        if use_mask:
+            seen_mask[draws] = True
+            count = int(seen_mask.count_nonzero())
+        else:
+            seen = torch.unique(torch.cat([seen, draws]))
+            count = seen.numel()
+    if use_mask:
+        seen = seen_mask.nonzero().squeeze(1)
+    if count > k:
+        keep = torch.ones(count, dtype=torch.bool, device=device)
+        keep[sample_ranks(count, count - k, generator)] = False
+        seen = seen[keep]
+    return seen
+
+
+# Largest range whose distinct draws sample_ranks tracks in a bool mask (256 MiB); sorting beyond.
+_MASK_LIMIT = 1 << 28
+# Ranges up to this size are simply permuted.
+_PERMUTE_LIMIT = 1 << 16
 
 
 def replace_entries(

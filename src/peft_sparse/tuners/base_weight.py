@@ -20,6 +20,8 @@ class DenseBaseWeight:
     """The weight of ``module`` is an ordinary dense tensor (read from the module each time, never cached)."""
 
     returns_input_dtype = False  # nn.Linear's output has the compute dtype
+    # merge/restore are exact, so the forward may add the delta in place and undo it (sparse_linear.merged_weight)
+    merge_is_exact = True
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

@@ -1,0 +1,79 @@
+"""A delta's positions in row-major order, cached per indices tensor and refreshed when the indices change.
+
+A sparse delta keeps its entries in *slots* (the optimizer state is per slot), so its ``indices`` are not sorted in
+general and must not be reordered. The CSR kernels need the positions row-major, so ``sorted_positions`` returns the
+sorted permutation of an indices tensor together with the CSR row pointers, and remembers them until the tensor is
+modified in place (tracked by its ``_version`` counter, which every in-place write such as a reselection bumps) or
+freed. Sorting costs ``O(K log K)`` once per reselection instead of once per step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SortedPositions:
+    """Row-major view of a set of unique flat positions into a ``[nrows, ncols]`` matrix.
+
+    ``perm`` maps sorted order to slots (``sorted = indices[perm]``), ``crow`` (``nrows + 1``) and ``col`` are the
+    CSR row pointers and column indices (int64) of the sorted positions.
+    """
+
+    perm: torch.Tensor
+    sorted: torch.Tensor
+    crow: torch.Tensor
+    col: torch.Tensor
+    nrows: int
+    ncols: int
+
+
+# id(indices) -> (weak reference, version, data pointer, nrows, ncols, SortedPositions)
+_CACHE: dict[int, tuple] = {}
+
+
+def _forget(key: int) -> None:
+    _CACHE.pop(key, None)
+
+
+def build_sorted_positions(indices: torch.Tensor, nrows: int, ncols: int) -> SortedPositions:
+    """The row-major order and CSR structure of ``indices`` (no caching)."""
+    idx = indices.detach().long()
+    ordered, perm = torch.sort(idx)
+    rows = torch.div(ordered, ncols, rounding_mode="floor")
+    col = ordered - rows * ncols
+    crow = torch.zeros(nrows + 1, dtype=torch.int64, device=idx.device)
+    if idx.numel():
+        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=nrows)[:nrows], 0)
+    return SortedPositions(perm=perm, sorted=ordered, crow=crow, col=col, nrows=nrows, ncols=ncols)
+
+
+def sorted_positions(indices: torch.Tensor, nrows: int, ncols: int) -> SortedPositions:
+    """``build_sorted_positions`` for ``indices``, reused until ``indices`` is written in place or freed."""
+    key = id(indices)
+    entry = _CACHE.get(key)
+    version, pointer = indices._version, indices.data_ptr()
+    if entry is not None:
+        ref, cached_version, cached_pointer, cached_rows, cached_cols, value = entry
+        if (
+            ref() is indices
+            and cached_version == version
+            and cached_pointer == pointer
+            and (cached_rows, cached_cols) == (nrows, ncols)
+        ):
+            return value
+    value = build_sorted_positions(indices, nrows, ncols)
+    try:
+        ref = weakref.ref(indices, lambda _ref, key=key: _forget(key))
+    except TypeError:  # not weak-referenceable: do not cache
+        return value
+    _CACHE[key] = (ref, version, pointer, nrows, ncols, value)
+    return value
+
+
+def clear_sorted_positions_cache() -> None:
+    """Forget every cached order (tests and benchmarks use it to time the first call)."""
+    _CACHE.clear()

@@ -1,0 +1,284 @@
+"""The training hot path: value-gradient strategies, the sorted-position cache, the in-place merged weight and the
+threshold top-k of an outer product, each against an independent dense float64 (or brute-force) computation."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from peft_sparse.kernels import (
+    dispatch,
+    sddmm,
+    sddmm_csr,
+    sddmm_dense,
+    sorted_positions,
+    topk_outer_product,
+    topk_outer_product_reference,
+    topk_outer_product_threshold,
+)
+from peft_sparse.kernels.positions import build_sorted_positions
+from peft_sparse.sparse_linear import merged_weight, sparse_delta_linear
+from peft_sparse.tuners.base_weight import DenseBaseWeight
+
+sddmm_module = importlib.import_module("peft_sparse.kernels.sddmm")  # the package exports a function of that name
+STRATEGIES = {"csr": sddmm_csr, "dense": sddmm_dense}
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    for var in (dispatch.ENV_VAR, dispatch.SDDMM_ENV_VAR, "PEFT_SPARSE_INPLACE_MERGE"):
+        monkeypatch.delenv(var, raising=False)
+    dispatch.set_sddmm_strategy(None)
+
+
+def _operands(tokens, rows, cols, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, rows, generator=gen).to(dtype), torch.randn(tokens, cols, generator=gen).to(dtype)
+
+
+def _indices(numel, k, dtype=torch.int64, seed=0):
+    return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[:k].to(dtype)
+
+
+def _dense_truth(a, b, indices):
+    return (a.double().T @ b.double()).flatten()[indices.long()]
+
+
+# ------------------------------------------------------------------------------------------------- value gradient
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("tokens,rows,cols,density", [(1, 7, 13, 0.3), (37, 33, 65, 0.01), (37, 33, 65, 1.0)])
+def test_sddmm_strategies_match_dense_product(name, dtype, index_dtype, tokens, rows, cols, density):
+    a, b = _operands(tokens, rows, cols, dtype)
+    idx = _indices(rows * cols, max(1, round(density * rows * cols)), index_dtype, seed=tokens)
+    got = STRATEGIES[name](a, b, idx, cols)
+    assert got.dtype == torch.float32 and got.shape == idx.shape
+    torch.testing.assert_close(got.double(), _dense_truth(a, b, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_sddmm_dense_in_row_blocks(monkeypatch):
+    # blocks of 3 rows (the last one partial), some without any position
+    monkeypatch.setattr(sddmm_module, "DENSE_CHUNK_ELEMENTS", 3 * 65)
+    a, b = _operands(19, 34, 65)
+    idx = torch.cat([_indices(10 * 65, 40, seed=1), 20 * 65 + _indices(14 * 65, 60, seed=2)])
+    torch.testing.assert_close(sddmm_dense(a, b, idx, 65).double(), _dense_truth(a, b, idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_sddmm_strategies_empty_and_no_tokens(name):
+    a, b = _operands(5, 4, 6)
+    assert STRATEGIES[name](a, b, torch.zeros(0, dtype=torch.int64), 6).numel() == 0
+    got = STRATEGIES[name](a[:0], b[:0], torch.tensor([0, 7, 23]), 6)
+    assert got.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_sorted_positions_follow_in_place_changes_of_the_indices():
+    a, b = _operands(9, 11, 17)
+    idx = _indices(11 * 17, 30, seed=3)
+    before = idx.clone()
+    first = sorted_positions(idx, 11, 17)
+    assert sorted_positions(idx, 11, 17) is first  # cached
+    torch.testing.assert_close(sddmm_csr(a, b, idx, 17).double(), _dense_truth(a, b, idx), rtol=1e-5, atol=1e-5)
+    assert torch.equal(idx, before)  # the slots keep their order
+    free = torch.tensor(sorted(set(range(11 * 17)) - set(idx.tolist()))[:5])
+    idx[[0, 4, 9, 20, 29]] = free  # a reselection writes new positions into some slots
+    refreshed = sorted_positions(idx, 11, 17)
+    assert refreshed is not first
+    assert torch.equal(refreshed.sorted, torch.sort(idx).values)
+    torch.testing.assert_close(sddmm_csr(a, b, idx, 17).double(), _dense_truth(a, b, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_build_sorted_positions_is_the_csr_of_the_positions():
+    idx = torch.tensor([13, 2, 40, 7, 8, 39])
+    order = build_sorted_positions(idx, 5, 9)
+    assert order.sorted.tolist() == [2, 7, 8, 13, 39, 40]
+    assert idx[order.perm].tolist() == order.sorted.tolist()
+    assert order.crow.tolist() == [0, 3, 4, 4, 4, 6]  # rows 0: 2,7,8; 1: 13; 4: 39,40
+    assert order.col.tolist() == [2, 7, 8, 4, 3, 4]
+
+
+def test_sddmm_strategy_choice_on_cpu(monkeypatch):
+    a, b = _operands(4, 100, 100)
+    sparse, dense = _indices(10_000, 100), _indices(10_000, 5_000)
+    assert dispatch.choose_sddmm_strategy(a, b, sparse, 100, "auto") == "csr"
+    assert dispatch.choose_sddmm_strategy(a, b, dense, 100, "auto") == "dense"
+    assert dispatch.choose_sddmm_strategy(a, b, sparse, 100, "triton") == "triton"
+    dispatch.set_sddmm_strategy("gather")
+    assert dispatch.choose_sddmm_strategy(a, b, sparse, 100, "triton") == "gather"
+    monkeypatch.setenv(dispatch.SDDMM_ENV_VAR, "dense")  # the environment wins over the pinned strategy
+    assert dispatch.choose_sddmm_strategy(a, b, sparse, 100, "auto") == "dense"
+    torch.testing.assert_close(
+        sddmm(a, b, sparse, 100).double(), _dense_truth(a, b, sparse), rtol=1e-5, atol=1e-5
+    )
+    monkeypatch.setenv(dispatch.SDDMM_ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=f"{dispatch.SDDMM_ENV_VAR}.*'fastest'"):
+        sddmm(a, b, sparse, 100)
+    with pytest.raises(ValueError, match="'sparse'"):
+        dispatch.set_sddmm_strategy("sparse")
+
+
+def test_sddmm_timing_keeps_the_fastest_and_its_result():
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        if name == "slow":
+            sum(range(200_000))
+        return torch.tensor([float(len(name))])
+
+    best, out = dispatch._time_strategies(["slow", "quick"], run, torch.device("cpu"))
+    assert best == "quick" and out.tolist() == [5.0]
+    assert calls == ["slow", "slow", "quick", "quick"]
+
+
+# ------------------------------------------------------------------------------------------------- merged weight
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_weight_is_w_plus_delta_in_place_and_restored_bit_exactly(dtype):
+    layer = torch.nn.Linear(13, 7).to(dtype).requires_grad_(False)
+    original = layer.weight.detach().clone()
+    idx = _indices(91, 20, seed=5)
+    values = torch.randn(20, generator=torch.Generator().manual_seed(6))
+    expected = original.clone().view(-1)
+    expected[idx] = (expected[idx].float() + values).to(dtype)
+    with merged_weight(DenseBaseWeight(layer), idx, values, dtype, "torch") as w:
+        assert w.data_ptr() == layer.weight.data_ptr()  # no copy
+        assert torch.equal(w.reshape(-1), expected)
+    assert torch.equal(layer.weight, original)
+    with pytest.raises(RuntimeError, match="boom"):
+        with merged_weight(DenseBaseWeight(layer), idx, values, dtype, "torch"):
+            raise RuntimeError("boom")
+    assert torch.equal(layer.weight, original)
+
+
+def test_merged_weight_copies_for_another_dtype_or_when_disabled(monkeypatch):
+    layer = torch.nn.Linear(13, 7).requires_grad_(False)
+    idx, values = _indices(91, 5), torch.ones(5)
+    with merged_weight(DenseBaseWeight(layer), idx, values, torch.bfloat16, "torch") as w:
+        assert w.dtype == torch.bfloat16 and w.data_ptr() != layer.weight.data_ptr()
+    monkeypatch.setenv("PEFT_SPARSE_INPLACE_MERGE", "0")
+    with merged_weight(DenseBaseWeight(layer), idx, values, torch.float32, "torch") as w:
+        assert w.data_ptr() != layer.weight.data_ptr()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_sparse_delta_linear_gradients_match_dense_reference(transposed):
+    gen = torch.Generator().manual_seed(8)
+    rows, cols = (13, 7) if transposed else (7, 13)  # the stored layout
+    layer = torch.nn.Linear(cols, rows).requires_grad_(False)
+    if transposed:
+        layer.weight = torch.nn.Parameter(torch.randn(rows, cols, generator=gen), requires_grad=False)
+    original = layer.weight.detach().clone()
+    idx = _indices(rows * cols, 25, seed=9)
+    values = torch.randn(25, generator=gen).requires_grad_(True)
+    x = torch.randn(3, 5, 13, generator=gen).requires_grad_(True)
+    bias = None if transposed else layer.bias
+    out = sparse_delta_linear(x, DenseBaseWeight(layer), bias, idx, values, transposed)
+    grad_out = torch.randn(out.shape, generator=gen)
+    out.backward(grad_out)
+    # independent: a dense float64 weight with the delta, autograd through a dense product
+    w = original.double().clone().view(-1)
+    dense_values = values.detach().double().clone().requires_grad_(True)
+    w = w.index_add(0, idx, dense_values).view(rows, cols)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = x64 @ (w if transposed else w.T)
+    if bias is not None:
+        ref = ref + bias.double()
+    ref.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad.double(), dense_values.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.weight, original)
+
+
+# ------------------------------------------------------------------------------------------------- top-k (SpIEL-MA)
+def _topk_brute_force(rows, cols, exclude, k):
+    scores = (rows.float()[:, None] * cols.float()[None, :]).flatten()
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep[exclude] = False
+    positions = torch.nonzero(keep).flatten()
+    order = torch.sort(scores[positions], descending=True, stable=True).indices[:k]
+    return positions[order].sort().values
+
+
+def _nonnegative_scores(kind, n, gen):
+    if kind == "continuous":
+        return torch.rand(n, generator=gen)
+    if kind == "ties":
+        return torch.randint(0, 3, (n,), generator=gen).float()
+    if kind == "zeros":
+        return torch.zeros(n)
+    if kind == "heavy":  # SM3-like: a few large, most tiny, some exactly 0
+        s = torch.rand(n, generator=gen) ** 8 * 1e-12
+        s[::7] = 0.0
+        return s
+    s = torch.randn(n, generator=gen)  # signed: goes to the reference
+    s[::4] = -0.0
+    return s
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "zeros", "heavy", "signed"])
+@pytest.mark.parametrize("shape", [(7, 13), (33, 65), (130, 70)])
+def test_topk_outer_product_threshold_matches_brute_force(kind, shape):
+    gen = torch.Generator().manual_seed(21)
+    rows, cols = _nonnegative_scores(kind, shape[0], gen), _nonnegative_scores(kind, shape[1], gen)
+    numel = shape[0] * shape[1]
+    for fraction in (0.0, 0.1, 0.5):
+        exclude = _indices(numel, round(fraction * numel), seed=22).sort().values
+        for k in (0, 1, 17, numel // 3, numel - exclude.numel()):
+            got = topk_outer_product_threshold(rows, cols, exclude, k)
+            assert torch.equal(got, _topk_brute_force(rows, cols, exclude, k)), (kind, shape, fraction, k)
+
+
+def test_topk_outer_product_torch_backend_is_the_threshold_search():
+    gen = torch.Generator().manual_seed(23)
+    rows, cols = torch.rand(300, generator=gen), torch.rand(200, generator=gen)
+    exclude = _indices(60_000, 3_000, seed=24).sort().values
+    got = topk_outer_product(rows, cols, exclude, 2_000, setting="torch")
+    assert torch.equal(got, topk_outer_product_reference(rows, cols, exclude, 2_000))
+
+
+# ------------------------------------------------------------------------------------------------- CUDA
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sddmm_strategies_and_tuned_dispatch(dtype):
+    device = torch.device("cuda")
+    for tokens, rows, cols, density in [(37, 33, 65, 0.1), (4099, 257, 513, 0.01), (2048, 1024, 2816, 0.023)]:
+        a, b = (t.to(device) for t in _operands(tokens, rows, cols, dtype, seed=tokens))
+        idx = _indices(rows * cols, max(1, round(density * rows * cols)), seed=rows).to(device)
+        truth = _dense_truth(a, b, idx)
+        tol = dict(rtol=1e-4, atol=1e-3 * max(1.0, tokens**0.5 / 8))
+        for name in ("csr", "dense"):
+            torch.testing.assert_close(STRATEGIES[name](a, b, idx, cols).double(), truth, **tol)
+        for _ in range(2):  # the first call times the candidates, the second runs the kept one
+            torch.testing.assert_close(sddmm(a, b, idx, cols).double(), truth, **tol)
+    assert set(dispatch.tuned_sddmm_strategies().values()) <= {"csr", "dense", "triton"}
+
+
+@needs_cuda
+def test_cuda_merged_weight_and_growth_stay_on_the_device():
+    device = torch.device("cuda")
+    layer = torch.nn.Linear(65, 33).to(device).to(torch.bfloat16).requires_grad_(False)
+    original = layer.weight.detach().clone()
+    idx = _indices(33 * 65, 100, seed=3).to(device)
+    values = torch.randn(100, device=device)
+    expected = original.clone().view(-1)
+    expected[idx] = (expected[idx].float() + values).to(torch.bfloat16)
+    with merged_weight(DenseBaseWeight(layer), idx, values, torch.bfloat16, "auto") as w:
+        assert torch.equal(w.reshape(-1), expected)
+    assert torch.equal(layer.weight, original)
+    from peft_sparse.selection import grow_random
+
+    excluded = idx.long().sort().values
+    grown = grow_random(33 * 65, excluded, 200, torch.Generator().manual_seed(1))
+    assert grown.device.type == "cuda" and not torch.isin(grown, excluded).any()
+    assert torch.equal(grown.cpu(), grow_random(33 * 65, excluded.cpu(), 200, torch.Generator().manual_seed(1)))
+    rows, cols = torch.rand(257, device=device), torch.rand(1031, device=device)
+    exclude = _indices(257 * 1031, 5000, seed=4).sort().values.to(device)
+    got = topk_outer_product_threshold(rows, cols, exclude, 3000)
+    assert torch.equal(got.cpu(), _topk_brute_force(rows.cpu(), cols.cpu(), exclude.cpu(), 3000))
