@@ -267,6 +267,54 @@ def _config_fields(class_name: str) -> Callable[[Path], str]:
     return render
 
 
+def render_quality(root: Path) -> str:
+    """SpIEL vs LoRA on SmolLM2-135M-Instruct (``benchmarks/results/quality/results.json``, ``bench_quality.py``)."""
+    sys.path.insert(0, str(root / "benchmarks"))
+    import bench_quality  # noqa: E402 - the benchmark's own aggregation, not a copy of it
+
+    records = [r for r in _read_json(root, "benchmarks/results/quality/results.json") if not r.get("error")]
+    rows = []
+    for row in bench_quality.summarize(records):
+        several = len(row["seeds"]) > 1
+        swept = sorted({r["lr"] for r in row["group"] if r["seed"] == row["seeds"][0]})
+        edge = " (grid edge)" if len(swept) > 1 and row["lr"] in (swept[0], swept[-1]) else ""
+        rows.append(
+            [
+                bench_quality.label(row),
+                str(row["records"][0]["updates"]),
+                f"{row['lr']:g}{edge}",
+                ", ".join(f"{lr:g}" for lr in swept),
+                ",".join(str(s) for s in row["seeds"]),
+                bench_quality.mean_std(row["eval_loss"], ".4f", several),
+                bench_quality.mean_std(row["exact_match"], ".3f", several),
+                " / ".join(f"{row['per_task'][t][0]:.2f}" for t in bench_quality.TASKS if t in row["per_task"]),
+            ]
+        )
+    table = _table(
+        [
+            "method [tag]",
+            "updates",
+            "best lr",
+            "lrs swept",
+            "seeds",
+            "held-out answer loss",
+            "exact match",
+            "EM " + " / ".join(bench_quality.TASKS),
+        ],
+        rows,
+    )
+    days = sorted({_day(r["date"]) for r in records})
+    machines = "; ".join(sorted({r["machine"] for r in records}))
+    return (
+        f"Measured {days[0]}{'..' + days[-1] if len(days) > 1 else ''} on {machines}, one torch thread per run "
+        f"(`benchmarks/bench_quality.py`; settings, per-lr sweep and commands in "
+        f"`benchmarks/results/quality/results.md`). Mean +- std over the seeds at each method's best lr (by the "
+        "first seed's held-out loss); every sparse method trains exactly LoRA r=8's parameter count.\n\n"
+        + table
+        + "\n"
+    )
+
+
 def markdown_file(relative: str) -> Callable[[Path], str]:
     """A renderer that includes a Markdown report a benchmark writes, as it is (its first heading dropped)."""
 
@@ -288,6 +336,7 @@ SOURCES: dict[str, Callable[[Path], str]] = {
     "bench-train-cpu-tiny-120": render_bench_train_cpu_tiny_120,
     "bench-formulations": render_bench_formulations,
     "bench-ltsft-selection": render_bench_ltsft_selection,
+    "quality": render_quality,
     "config-spiel": _config_fields("SpIELConfig"),
     "config-ltsft": _config_fields("LTSFTConfig"),
 }
