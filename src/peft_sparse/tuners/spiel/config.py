@@ -14,6 +14,7 @@ from ..config_checks import check_common_fields, check_number, check_positive_in
 
 SELECTIONS = ("ag", "ma", "random")
 DROP_CRITERIA = ("magnitude", "change_since_reselection")
+AG_STATISTICS = ("as_stepped", "raw")
 
 
 @dataclass
@@ -94,6 +95,15 @@ class SpIELConfig(PeftConfig):
             "last reselection, thesis Algorithm 2 line 10)."
         },
     )
+    ag_statistics: str = field(
+        default="as_stepped",
+        metadata={
+            "help": "Units of SpIEL-AG's gradient statistics (growth scores and the Adam moments seeded from them): "
+            "'as_stepped' (the gradient the optimizer steps with, after gradient clipping and loss unscaling, so "
+            "seeded moments match the moments Adam keeps) or 'raw' (the backward's gradient before clipping, as the "
+            "SpIEL reference code does)."
+        },
+    )
     regrow_dropped: Optional[bool] = field(
         default=None,
         metadata={
@@ -141,6 +151,8 @@ class SpIELConfig(PeftConfig):
             raise ValueError(f"budget_allocation must be one of {BUDGET_ALLOCATIONS}, got {self.budget_allocation!r}")
         if self.drop_criterion not in DROP_CRITERIA:
             raise ValueError(f"drop_criterion must be one of {DROP_CRITERIA}, got {self.drop_criterion!r}")
+        if self.ag_statistics not in AG_STATISTICS:
+            raise ValueError(f"ag_statistics must be one of {AG_STATISTICS}, got {self.ag_statistics!r}")
         if self.regrow_dropped is not None and not isinstance(self.regrow_dropped, bool):
             raise ValueError(f"regrow_dropped must be True, False or None, got {self.regrow_dropped!r}")
         if self.reselection_schedule not in SCHEDULES:

@@ -57,6 +57,9 @@ class SpIELLayer(SparseDeltaLayer):
         super().__init__(base_layer, **kwargs)
         self.layer_seed: dict[str, int] = {}
         self._pending: dict[str, torch.Tensor] = {}
+        # the backward's gradient of the values over the same micro-batches, to bring ``_pending`` to the units of
+        # the gradient the optimizer steps with (after clipping)
+        self._pending_values: dict[str, torch.Tensor] = {}
         self._step_cache: dict[str, int] = {}
         self._fresh_candidates: set[str] = set()  # candidates picked since the last update (dropped if it is skipped)
 
@@ -108,6 +111,7 @@ class SpIELLayer(SparseDeltaLayer):
         self.spiel_candidate_grad[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         self.spiel_candidate_sq[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         self._pending.pop(adapter_name, None)
+        self._pending_values.pop(adapter_name, None)
         self._fresh_candidates.discard(adapter_name)
 
     def init_delta(self, adapter_name: str, budget: int) -> None:
@@ -142,6 +146,7 @@ class SpIELLayer(SparseDeltaLayer):
         super().install_loaded(adapter_name, tensors)
         self._step_cache.pop(adapter_name, None)
         self._pending.pop(adapter_name, None)
+        self._pending_values.pop(adapter_name, None)
         values, device = self.sparse_values[adapter_name], self.weight_device
         if "age" not in tensors:  # saved before per-entry ages existed: treat every entry as trained all along
             self._reset_entry_state(adapter_name, age=self.current_step(adapter_name))
@@ -156,7 +161,7 @@ class SpIELLayer(SparseDeltaLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for state in (self.layer_seed, self._step_cache, self._pending):
+        for state in (self.layer_seed, self._step_cache, self._pending, self._pending_values):
             state.pop(adapter_name, None)
         self._fresh_candidates.discard(adapter_name)
 
@@ -200,14 +205,21 @@ class SpIELLayer(SparseDeltaLayer):
             self.spiel_candidate_grad[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
             self.spiel_candidate_sq[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
             grad = dense.view(-1)[top]
+            values_grad = dense.view(-1)[self.sparse_indices[adapter].long()] if self._tracks_units(adapter) else None
             del dense
             self._fresh_candidates.add(adapter)
         else:
-            grad = sddmm(a, b, candidates, ncols, self.sparse_config[adapter].kernel_backend)
-        if adapter in self._pending:
-            self._pending[adapter] += grad
-        else:
-            self._pending[adapter] = grad
+            backend = self.sparse_config[adapter].kernel_backend
+            grad = sddmm(a, b, candidates, ncols, backend)
+            values_grad = (
+                sddmm(a, b, self.sparse_indices[adapter], ncols, backend) if self._tracks_units(adapter) else None
+            )
+        _accumulate(self._pending, adapter, grad)
+        if values_grad is not None:
+            _accumulate(self._pending_values, adapter, values_grad.float())
+
+    def _tracks_units(self, adapter: str) -> bool:
+        return self.sparse_config[adapter].ag_statistics == "as_stepped"
 
     @torch.no_grad()
     def after_gradient_unscale(self, adapter_name: str, inv_scale: torch.Tensor, skipped: bool) -> None:
@@ -216,12 +228,13 @@ class SpIELLayer(SparseDeltaLayer):
         from them) when the scaler found inf/NaN and will skip the update."""
         if skipped:
             self._pending.pop(adapter_name, None)
+            self._pending_values.pop(adapter_name, None)
             if adapter_name in self._fresh_candidates:
                 self._clear_candidates(adapter_name)
             return
-        pending = self._pending.get(adapter_name)
-        if pending is not None:
-            pending.mul_(inv_scale.to(pending.device))
+        for pending in (self._pending.get(adapter_name), self._pending_values.get(adapter_name)):
+            if pending is not None:
+                pending.mul_(inv_scale.to(pending.device))
 
     # ----------------------------------------------------------------------------------------- updates
     @torch.no_grad()
@@ -250,9 +263,16 @@ class SpIELLayer(SparseDeltaLayer):
                 distributed.full_tensor(values.grad),  # averaged over ranks by DDP/FSDP2
             )
         pending = self._pending.pop(adapter_name, None)
+        pending_values = self._pending_values.pop(adapter_name, None)
         self._fresh_candidates.discard(adapter_name)
         if pending is not None:
             distributed.average_across_ranks(pending)
+            if pending_values is not None and values.grad is not None:
+                # gradient clipping scales every gradient of the update by one factor: measure it on the values
+                stepped = distributed.full_tensor(values.grad).float().norm()
+                backward = distributed.average_across_ranks(pending_values).norm()
+                if float(backward) > 0:
+                    pending.mul_((stepped / backward).to(pending.device))
             self.spiel_candidate_grad[adapter_name] += pending
             self.spiel_candidate_sq[adapter_name] += pending * pending
         if is_reselection_step(step, config.reselection_steps, config.total_steps, config.accumulation_steps):
@@ -426,3 +446,10 @@ def check_training_state(
         if candidates.dim() != 1:
             raise ValueError(f"{where}: spiel_candidates must be 1-D, got shape {tuple(candidates.shape)}")
         check_delta(candidates, torch.zeros(candidates.numel()), weight_shape, f"{where} (growth candidates)")
+
+
+def _accumulate(sums: dict[str, torch.Tensor], adapter: str, tensor: torch.Tensor) -> None:
+    if adapter in sums:
+        sums[adapter] += tensor
+    else:
+        sums[adapter] = tensor
