@@ -212,7 +212,8 @@ def strip_entry_state(path):
     save_file(old, file)
 
 
-def test_adapter_saved_without_ages_loads_with_ages_at_the_update_count(tmp_path):
+def _saved_after_six_updates(tmp_path):
+    """A random-growth SpIEL layer trained for 6 AdamW updates and saved to ``tmp_path``; (layer, target)."""
     model, layer, _ = make(selection="random")
     target = torch.randn(ROWS, COLS)
     optimizer = torch.optim.AdamW([layer.sparse_values["default"]], lr=0.05)
@@ -222,6 +223,11 @@ def test_adapter_saved_without_ages_loads_with_ages_at_the_update_count(tmp_path
         optimizer.zero_grad()
     assert int(layer.spiel_step["default"]) == 6 and int(layer.spiel_age["default"].min()) < 6
     model.save_pretrained(tmp_path)
+    return layer, target
+
+
+def test_adapter_saved_without_ages_loads_with_ages_at_the_update_count(tmp_path):
+    layer, target = _saved_after_six_updates(tmp_path)
     strip_entry_state(tmp_path)
     torch.manual_seed(0)
     loaded = PeftModel.from_pretrained(Quadratic(), tmp_path, is_trainable=True)
@@ -237,14 +243,7 @@ def test_adapter_saved_without_ages_loads_with_ages_at_the_update_count(tmp_path
 
 
 def test_adapter_round_trip_keeps_ages(tmp_path):
-    model, layer, _ = make(selection="random")
-    target = torch.randn(ROWS, COLS)
-    optimizer = torch.optim.AdamW([layer.sparse_values["default"]], lr=0.05)
-    for _ in range(6):
-        model(target).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(tmp_path)
+    layer, _ = _saved_after_six_updates(tmp_path)
     loaded = PeftModel.from_pretrained(Quadratic(), tmp_path, is_trainable=True)
     lin = loaded.base_model.model.lin
     assert torch.equal(lin.spiel_age["default"], layer.spiel_age["default"])
