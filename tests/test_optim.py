@@ -1,10 +1,12 @@
 """SM3 and optimizer-state re-seeding against direct computations."""
 
+import copy
+
 import pytest
 import torch
 
 from peft_sparse import SM3
-from peft_sparse.optim import reseed_optimizer_state, sm3_accumulate
+from peft_sparse.optim import correct_adam_step_for_age, reseed_optimizer_state, sm3_accumulate
 
 
 def sm3_dense_reference(param, grads, lr, eps=1e-30):
@@ -128,3 +130,44 @@ def test_other_optimizers_have_per_entry_state_reset():
     opt.step()
     reseed_optimizer_state(opt, param, torch.tensor([0, 2]))
     assert opt.state[param]["momentum_buffer"].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "ages",
+    [
+        # many entries, few distinct ages (one correction per age, gathered), one of them older than the step count
+        [12] * 300 + [3] * 200 + [7] * 100 + [40] * 10,
+        # fewer entries than distinct ages (corrections per entry)
+        [1, 12, 2, 40, 11],
+    ],
+    ids=["per-age-table", "per-entry"],
+)
+def test_adam_step_is_redone_with_each_entrys_own_bias_correction(ages):
+    torch.manual_seed(0)
+    lr, wd, (beta1, beta2), eps = 1e-2, 0.1, (0.9, 0.99), 1e-8
+    param = torch.nn.Parameter(torch.randn(len(ages)))
+    opt = torch.optim.AdamW([param], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
+    for _ in range(12):
+        param.grad = torch.randn(len(ages))
+        opt.step()
+    before = param.detach().double().clone()
+    twin = torch.nn.Parameter(param.detach().clone())
+    twin_opt = torch.optim.AdamW([twin], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    param.grad = torch.randn(len(ages))
+    twin.grad = param.grad.clone()
+    opt.step()
+    twin_opt.step()  # torch's own update, left uncorrected
+    age = torch.tensor(ages, dtype=torch.int32) + 1  # counting the step just made
+    assert correct_adam_step_for_age(opt, param, age)
+    state = opt.state[param]
+    m, v = state["exp_avg"].double(), state["exp_avg_sq"].double()
+    expected = []
+    for n, a in enumerate(age.tolist()):
+        step = lr * (m[n] / (1 - beta1**a)) / ((v[n] / (1 - beta2**a)).sqrt() + eps)
+        expected.append(before[n] * (1 - lr * wd) - step)
+    torch.testing.assert_close(param.detach().double(), torch.stack(expected), rtol=1e-6, atol=1e-9)
+    at_step = age == 13
+    # entries as old as the optimizer's step keep torch's update bit for bit; the others moved
+    assert torch.equal(param.detach()[at_step], twin.detach()[at_step])
+    assert (param.detach()[~at_step] != twin.detach()[~at_step]).all()

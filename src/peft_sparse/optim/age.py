@@ -32,14 +32,27 @@ def supports_per_entry_age(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.Adam)
 
 
-def _bias_corrected_step(
-    exp_avg: torch.Tensor, second: torch.Tensor, steps: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float
-) -> torch.Tensor:
-    # torch's Adam update (float64 here), with a per-entry step
-    bias_correction1 = 1 - beta1**steps
-    bias_correction2_sqrt = (1 - beta2**steps).sqrt()
-    denom = second.sqrt() / bias_correction2_sqrt + eps
-    return exp_avg * (lr / bias_correction1) / denom
+def _bias_corrections(ages: torch.Tensor, t: int, beta1: float, beta2: float) -> tuple[torch.Tensor, ...]:
+    """``1 - beta1**a`` and ``sqrt(1 - beta2**a)`` per entry and at ``a = t`` (float64).
+
+    Ages take few distinct values (entries grown at the same reselection share one), so when the range of ages is
+    shorter than the entries the corrections are computed once per age in that range and gathered; the entries'
+    and the global step's values then come from the same table, so an entry of age ``t`` gets exactly torch's.
+    """
+    low, high = min(int(ages.min()), t), max(int(ages.max()), t)
+    if high - low + 1 <= ages.numel():
+        span = torch.arange(low, high + 1, dtype=torch.float64, device=ages.device)
+        bc1, bc2_sqrt = 1 - beta1**span, (1 - beta2**span).sqrt()
+        offset = (ages - low).long()
+        return bc1[offset], bc2_sqrt[offset], bc1[t - low], bc2_sqrt[t - low]
+    steps = torch.cat([ages.to(torch.float64), torch.tensor([float(t)], dtype=torch.float64, device=ages.device)])
+    bc1, bc2_sqrt = 1 - beta1**steps, (1 - beta2**steps).sqrt()
+    return bc1[:-1], bc2_sqrt[:-1], bc1[-1], bc2_sqrt[-1]
+
+
+def _adam_update(exp_avg, second_sqrt, lr: float, eps: float, bc1: torch.Tensor, bc2_sqrt: torch.Tensor):
+    # torch's Adam update (float64 here), with per-entry or global bias corrections
+    return exp_avg * (lr / bc1) / (second_sqrt / bc2_sqrt + eps)
 
 
 @torch.no_grad()
@@ -63,16 +76,17 @@ def correct_adam_step_for_age(optimizer: torch.optim.Optimizer, param: torch.Ten
     state = optimizer.state.get(param)
     if not state or "exp_avg" not in state or "step" not in state:
         return False
-    t = float(state["step"])
-    ages = age.to(device=param.device, dtype=torch.float64)
+    t = int(state["step"])
+    ages = age.to(device=param.device)
     if t <= 0 or bool((ages == t).all()):
         return False
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps = float(group["lr"]), float(group["eps"])
     second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-    exp_avg, second = state["exp_avg"].double(), second.double()
-    torch_update = _bias_corrected_step(exp_avg, second, torch.full_like(ages, t), lr, beta1, beta2, eps)
-    age_update = _bias_corrected_step(exp_avg, second, ages, lr, beta1, beta2, eps)
+    exp_avg, second_sqrt = state["exp_avg"].double(), second.double().sqrt()
+    bc1_age, bc2_sqrt_age, bc1_step, bc2_sqrt_step = _bias_corrections(ages, t, beta1, beta2)
+    torch_update = _adam_update(exp_avg, second_sqrt, lr, eps, bc1_step, bc2_sqrt_step)
+    age_update = _adam_update(exp_avg, second_sqrt, lr, eps, bc1_age, bc2_sqrt_age)
     param.add_((torch_update - age_update).to(param.dtype))
     return True
