@@ -137,7 +137,40 @@ def test_ma_grows_by_row_column_statistics_with_sm3():
     scores[positions[-1]] = -1  # the reference's MA growth excludes every active position, dropped or not
     expected = torch.topk(scores, values.numel()).indices
     assert set(layer.sparse_indices["default"].tolist()) == set(expected.tolist())
-    assert optimizer.state[values]["row_accumulator"].shape == (rows,)
+    # SM3's accumulators are the layer's statistics (one copy, saved with the adapter)
+    assert optimizer.state[values]["row_accumulator"] is layer.spiel_row_stats["default"]
+    assert optimizer.state[values]["col_accumulator"] is layer.spiel_col_stats["default"]
+
+
+def test_ma_statistics_are_accumulated_once_per_update(monkeypatch):
+    import peft_sparse.optim.sm3 as sm3_module
+    import peft_sparse.tuners.spiel.layer as layer_module
+
+    calls = []
+
+    def counting(original, where):
+        def accumulate(*args):
+            calls.append(where)
+            return original(*args)
+
+        return accumulate
+
+    monkeypatch.setattr(sm3_module, "sm3_accumulate", counting(sm3_module.sm3_accumulate, "optimizer"))
+    monkeypatch.setattr(layer_module, "sm3_accumulate", counting(layer_module.sm3_accumulate, "layer"))
+    config = SpIELConfig(target_modules=["q_proj"], density=0.05, selection="ma", reselection_steps=4)
+    for make_optimizer, expected in (
+        (lambda p: SM3(p, lr=1e-3), "optimizer"),  # SM3 updates the layer's statistics itself
+        (lambda p: torch.optim.AdamW(p, lr=1e-3), "layer"),  # any other optimizer: the layer does
+    ):
+        calls.clear()
+        model = get_peft_model(tiny_llama(), config)
+        values = layer_of(model).sparse_values["default"]
+        optimizer = make_optimizer([values])
+        for x in batches(3):
+            model(input_ids=x, labels=x).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert calls == [expected] * 3
 
 
 def test_random_selection_is_seeded_unique_and_in_range():

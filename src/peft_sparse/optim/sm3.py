@@ -42,6 +42,12 @@ def _layout(owner: tuple) -> tuple[torch.Tensor, tuple[int, int]]:
     return layer.sparse_indices[adapter], layer.weight_shape
 
 
+def _shared_statistics(owner: Optional[tuple]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    if owner is None or not hasattr(owner[0], "sm3_statistics"):
+        return None
+    return owner[0].sm3_statistics(owner[1])
+
+
 class SM3(torch.optim.Optimizer):
     """SM3 with optional momentum and decoupled weight decay.
 
@@ -49,6 +55,9 @@ class SM3(torch.optim.Optimizer):
     other 2-D parameters get row/column accumulators of their own shape; everything else a per-entry accumulator.
     Parameters sharded by FSDP2 (``DTensor``) are updated from their all-gathered gradient, so the accumulators
     (replicated on every rank) equal those of one process; the momentum buffer holds the local slice only.
+    For SpIEL-MA values the row/column accumulators are the layer's own growth statistics (``spiel_row_stats`` /
+    ``spiel_col_stats``, saved with the adapter): the thesis's MA growth reads SM3's accumulators (§7.3.2), so they are
+    kept once and updated once per step; the optimizer's state refers to those tensors.
 
     Args:
         params: parameters or parameter groups.
@@ -89,10 +98,10 @@ class SM3(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 owner = owners.get(id(p))
-                self._update(p, group, None if owner is None else _layout(owner))
+                self._update(p, group, None if owner is None else _layout(owner), owner)
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict, layout: Optional[tuple]) -> None:
+    def _update(self, p: torch.Tensor, group: dict, layout: Optional[tuple], owner: Optional[tuple] = None) -> None:
         state = self.state[p]
         grad = full_tensor(p.grad).float()  # the whole gradient: SM3's accumulators span rows and columns
         target = local_tensor(p)
@@ -117,11 +126,18 @@ class SM3(torch.optim.Optimizer):
             if group["momentum"] > 0:
                 state["momentum_buffer"] = torch.zeros_like(target, dtype=torch.float32)
         state["step"] += 1
+        # SpIEL-MA layers keep these very statistics for growth: use theirs (updated once per step, saved with the
+        # adapter) as the accumulators
+        shared = _shared_statistics(owner)
+        if shared is not None:
+            state["row_accumulator"], state["col_accumulator"] = shared
         if shape is None:
             nu = state["accumulator"].add_(grad * grad)
         else:
             nu = sm3_accumulate(state["row_accumulator"], state["col_accumulator"], r, c, grad.reshape(-1))
             nu = nu.view_as(grad)
+        if shared is not None:
+            owner[0].statistics_accumulated(owner[1])
         update = local_part(grad / (nu.sqrt() + group["eps"]), p)
         if group["momentum"] > 0:
             buf = state["momentum_buffer"]

@@ -62,6 +62,7 @@ class SpIELLayer(SparseDeltaLayer):
         self._pending_values: dict[str, torch.Tensor] = {}
         self._step_cache: dict[str, int] = {}
         self._fresh_candidates: set[str] = set()  # candidates picked since the last update (dropped if it is skipped)
+        self._statistics_accumulated: set[str] = set()  # SpIEL-MA adapters whose SM3 optimizer did this update's
 
     def update_layer(self, adapter_name: str, config: Any, layer_key: str = "") -> None:
         """Add ``adapter_name`` with an empty delta and fresh training state; the budget comes later."""
@@ -252,7 +253,9 @@ class SpIELLayer(SparseDeltaLayer):
         self._step_cache[adapter_name] = step
         if values.grad is not None and values.numel():
             self._age_entries(adapter_name, optimizer)
-        if config.selection == "ma" and values.grad is not None and values.numel():
+        accumulated = adapter_name in self._statistics_accumulated
+        self._statistics_accumulated.discard(adapter_name)
+        if config.selection == "ma" and values.grad is not None and values.numel() and not accumulated:
             idx = self.sparse_indices[adapter_name].long()
             cols = self.weight_shape[1]
             sm3_accumulate(
@@ -277,6 +280,21 @@ class SpIELLayer(SparseDeltaLayer):
             self.spiel_candidate_sq[adapter_name] += pending * pending
         if is_reselection_step(step, config.reselection_steps, config.total_steps, config.accumulation_steps):
             self.reselect(adapter_name, optimizer, step)
+
+    def sm3_statistics(self, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """SpIEL-MA's row and column statistics of ``adapter_name`` for ``peft_sparse.SM3`` to use as its
+        accumulators (None for other selections).
+
+        They are the same SM3-II numbers SM3 keeps, so SM3 updates these in place and calls
+        ``statistics_accumulated``, and the update is not computed a second time after the step.
+        """
+        if self.sparse_config[adapter_name].selection != "ma":
+            return None
+        return self.spiel_row_stats[adapter_name], self.spiel_col_stats[adapter_name]
+
+    def statistics_accumulated(self, adapter_name: str) -> None:
+        """Record that the optimizer has added this update's gradient to ``sm3_statistics(adapter_name)``."""
+        self._statistics_accumulated.add(adapter_name)
 
     def _age_entries(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
         # An entry's age never exceeds the optimizer's own step count (a fresh optimizer after loading a trained
