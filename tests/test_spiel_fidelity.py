@@ -179,8 +179,8 @@ def ma_reselect(regrow_dropped):
     return changed, before, layer.sparse_indices["default"].clone(), (o, i)
 
 
-def test_ma_growth_excludes_every_active_position_by_default():
-    changed, before, after, (o, i) = ma_reselect(None)
+def test_ma_growth_excludes_every_active_position_when_asked():
+    changed, before, after, (o, i) = ma_reselect(False)
     # ... but it was active at this reselection, so it cannot come back: the best inactive position (row o or
     # column i, score 10) takes slot 0
     assert changed == 1 and after[0] != before[0]
@@ -189,16 +189,18 @@ def test_ma_growth_excludes_every_active_position_by_default():
     assert torch.equal(after[1:], before[1:])
 
 
-def test_ma_growth_may_regrow_the_dropped_position_when_asked():
-    changed, before, after, _ = ma_reselect(True)
+@pytest.mark.parametrize("regrow_dropped", [None, True])
+def test_ma_growth_regrows_the_dropped_position_by_default(regrow_dropped):
+    changed, before, after, _ = ma_reselect(regrow_dropped)
     assert changed == 0 and torch.equal(after, before)
 
 
-def test_regrow_dropped_defaults_follow_the_reference():
+def test_regrow_dropped_defaults():
     assert not SpIELConfig(selection="ag").excludes_dropped_from_growth
-    assert SpIELConfig(selection="ma").excludes_dropped_from_growth
+    assert not SpIELConfig(selection="ma").excludes_dropped_from_growth
     assert SpIELConfig(selection="random").excludes_dropped_from_growth
-    assert not SpIELConfig(selection="ma", regrow_dropped=True).excludes_dropped_from_growth
+    assert SpIELConfig(selection="ma", regrow_dropped=False).excludes_dropped_from_growth
+    assert not SpIELConfig(selection="random", regrow_dropped=True).excludes_dropped_from_growth
     assert SpIELConfig(selection="ag", regrow_dropped=False).excludes_dropped_from_growth
 
 

@@ -114,9 +114,15 @@ def sm3_reference(grads, positions, rows, cols):
     return torch.tensor(r), torch.tensor(c)
 
 
-def test_ma_grows_by_row_column_statistics_with_sm3():
+@pytest.mark.parametrize("regrow_dropped", [None, False])
+def test_ma_grows_by_row_column_statistics_with_sm3(regrow_dropped):
     config = SpIELConfig(
-        target_modules=["q_proj"], density=0.05, selection="ma", reselection_steps=4, accumulation_steps=4
+        target_modules=["q_proj"],
+        density=0.05,
+        selection="ma",
+        reselection_steps=4,
+        accumulation_steps=4,
+        regrow_dropped=regrow_dropped,
     )
     model = get_peft_model(tiny_llama(), config)
     layer = layer_of(model)
@@ -134,7 +140,9 @@ def test_ma_grows_by_row_column_statistics_with_sm3():
     torch.testing.assert_close(layer.spiel_row_stats["default"], r)
     torch.testing.assert_close(layer.spiel_col_stats["default"], c)
     scores = (r[:, None] * c[None, :]).view(-1)
-    scores[positions[-1]] = -1  # the reference's MA growth excludes every active position, dropped or not
+    if regrow_dropped is False:
+        scores[positions[-1]] = -1  # the reference code's MA growth excludes every active position, dropped or not
+    # (by default the first reselection drops every entry and grows the top-k of all positions)
     expected = torch.topk(scores, values.numel()).indices
     assert set(layer.sparse_indices["default"].tolist()) == set(expected.tolist())
     # SM3's accumulators are the layer's statistics (one copy, saved with the adapter)

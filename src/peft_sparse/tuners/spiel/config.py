@@ -108,8 +108,9 @@ class SpIELConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Whether a position dropped at a reselection may be grown again in the same reselection (it then "
-            "keeps its slot, value and optimizer state). None: as the reference code does, True for 'ag' and False "
-            "for 'ma'; False for 'random'."
+            "keeps its slot, value and optimizer state). None: True for 'ag' and 'ma' (the thesis grows the top-k of "
+            "all weights after the drop, §7.3.1-7.3.2; the SpIEL reference code excludes them for 'ma'), False for "
+            "'random'."
         },
     )
     total_steps: Optional[int] = field(
@@ -167,5 +168,5 @@ class SpIELConfig(PeftConfig):
     def excludes_dropped_from_growth(self) -> bool:
         """True if growth may not pick a position dropped in the same reselection (see ``regrow_dropped``)."""
         if self.regrow_dropped is None:
-            return self.selection != "ag"
+            return self.selection == "random"
         return not self.regrow_dropped
