@@ -66,3 +66,31 @@ def test_raw_statistics_seed_moments_in_the_units_of_the_unclipped_gradient():
 def test_ag_statistics_is_validated():
     with pytest.raises(ValueError, match="ag_statistics"):
         spiel_config(ag_statistics="clipped")
+
+
+def test_estimation_reuses_the_backwards_value_gradient(monkeypatch):
+    import peft_sparse.tuners.spiel.layer as layer_module
+
+    gathered = []
+    original = layer_module.sddmm
+
+    def counting(a, b, indices, ncols, backend):
+        gathered.append(indices)
+        return original(a, b, indices, ncols, backend)
+
+    monkeypatch.setattr(layer_module, "sddmm", counting)
+    torch.manual_seed(0)
+    # S=4, gamma=3: updates 1-3 are the first estimation phase
+    peft_model = get_peft_model(tiny_llama(), spiel_config(reselection_steps=4, accumulation_steps=3)).train()
+    layers = spiel_layers(peft_model)
+    for seed in range(3):  # three micro-batches of update 1: the first picks candidates, the others gather them
+        x = token_batch(seed=seed, length=9)
+        peft_model(x, labels=x).loss.backward()
+    # the layer gathered only its candidates' gradient; its values' gradient came from the backward
+    assert len(gathered) == 2 * len(layers)
+    for layer in layers.values():
+        assert sum(idx is layer.spiel_candidates["default"] for idx in gathered) == 2
+        pending = layer._pending_values["default"]
+        torch.testing.assert_close(pending, layer.sparse_values["default"].grad, rtol=1e-6, atol=1e-9)
+        pending.zero_()  # a copy: the statistics do not alias the gradient autograd accumulated
+        assert layer.sparse_values["default"].grad.abs().sum() > 0

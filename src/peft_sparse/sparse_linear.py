@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from .kernels import sddmm, sorted_positions
 
-# observer(a, b, ncols): called in the backward with the two factors of the dense weight gradient,
-# grad_W[r, c] = sum_t a[t, r] * b[t, c] in the stored weight layout.
-GradientObserver = Callable[[torch.Tensor, torch.Tensor, int], None]
+# observer(a, b, ncols, indices, values_grad): called in the backward with the two factors of the dense weight
+# gradient, grad_W[r, c] = sum_t a[t, r] * b[t, c] in the stored weight layout, and the float32 gradient at the flat
+# positions ``indices`` that the backward has computed already (None when the values need no gradient).
+GradientObserver = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor, Optional[torch.Tensor]], None]
 
 
 INPLACE_ENV_VAR = "PEFT_SPARSE_INPLACE_MERGE"
@@ -87,10 +88,11 @@ class _SparseDeltaLinear(torch.autograd.Function):
         # stored-layout factors: Linear weight is [out, in], Conv1D weight is [in, out]
         a, b = (x2d, dy2d) if ctx.transposed else (dy2d, x2d)
         ncols = b.shape[1]
-        if ctx.needs_input_grad[3]:
-            grad_values = sddmm(a, b, indices, ncols, ctx.backend).to(values.dtype)
+        grad_values32 = sddmm(a, b, indices, ncols, ctx.backend) if ctx.needs_input_grad[3] else None
         if ctx.observer is not None:
-            ctx.observer(a, b, ncols)
+            ctx.observer(a, b, ncols, indices, grad_values32)
+        if grad_values32 is not None:
+            grad_values = grad_values32.to(values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = dy2d.sum(0)
         return grad_x, grad_bias, None, grad_values, None, None, None, None, None

@@ -186,16 +186,22 @@ class SpIELLayer(SparseDeltaLayer):
         if not adapters:
             return None
 
-        def observe(a: torch.Tensor, b: torch.Tensor, ncols: int) -> None:
+        def observe(a: torch.Tensor, b: torch.Tensor, ncols: int, indices: torch.Tensor, values_grad) -> None:
             for adapter in adapters:
-                self._observe_gradient(adapter, a, b, ncols)
+                # the backward's gradient is this adapter's own when its delta was the only one in the product
+                own = values_grad if indices is self.sparse_indices[adapter] else None
+                self._observe_gradient(adapter, a, b, ncols, own)
 
         return observe
 
     @torch.no_grad()
-    def _observe_gradient(self, adapter: str, a: torch.Tensor, b: torch.Tensor, ncols: int) -> None:
+    def _observe_gradient(
+        self, adapter: str, a: torch.Tensor, b: torch.Tensor, ncols: int, values_grad: Optional[torch.Tensor] = None
+    ) -> None:
         # The first micro-batch of a phase picks the candidates from the dense gradient (freed right away);
-        # later ones only gather the gradient at the candidates.
+        # later ones only gather the gradient at the candidates. ``values_grad``: the gradient of this adapter's
+        # values in float32 if the backward computed it already.
+        tracks_units = self._tracks_units(adapter)
         candidates = self.spiel_candidates[adapter]
         if candidates.numel() == 0:
             dense = distributed.average_across_ranks(a.float().t() @ b.float())  # the same candidates on every rank
@@ -206,18 +212,19 @@ class SpIELLayer(SparseDeltaLayer):
             self.spiel_candidate_grad[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
             self.spiel_candidate_sq[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
             grad = dense.view(-1)[top]
-            values_grad = dense.view(-1)[self.sparse_indices[adapter].long()] if self._tracks_units(adapter) else None
+            if tracks_units and values_grad is None:
+                values_grad = dense.view(-1)[self.sparse_indices[adapter].long()]
             del dense
             self._fresh_candidates.add(adapter)
         else:
             backend = self.sparse_config[adapter].kernel_backend
             grad = sddmm(a, b, candidates, ncols, backend)
-            values_grad = (
-                sddmm(a, b, self.sparse_indices[adapter], ncols, backend) if self._tracks_units(adapter) else None
-            )
+            if tracks_units and values_grad is None:
+                values_grad = sddmm(a, b, self.sparse_indices[adapter], ncols, backend)
         _accumulate(self._pending, adapter, grad)
-        if values_grad is not None:
-            _accumulate(self._pending_values, adapter, values_grad.float())
+        if tracks_units and values_grad is not None:
+            # a copy: the backward hands the same tensor to autograd, and the sums are changed in place
+            _accumulate(self._pending_values, adapter, values_grad.float().clone())
 
     def _tracks_units(self, adapter: str) -> bool:
         return self.sparse_config[adapter].ag_statistics == "as_stepped"
