@@ -764,8 +764,9 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def label(row_or_record: dict) -> str:
-    tag = row_or_record.get("tag")
-    return row_or_record["method"] + (f" [{tag}]" if tag else "")
+    """``method [tag]``, with the weight decay when it is not 0."""
+    tag, wd = row_or_record.get("tag"), row_or_record.get("weight_decay")
+    return row_or_record["method"] + (f" [{tag}]" if tag else "") + (f", wd {wd:g}" if wd else "")
 
 
 def mean_std(pair: tuple[float, float], spec: str, with_std: bool) -> str:

@@ -131,3 +131,7 @@ def test_is_member_large_queries(offset):
     got = policies.is_member(sorted_set, query)
     assert torch.equal(got[:2_000], expected)
     assert torch.equal(got, torch.isin(query, sorted_set))
+    shuffled = sorted_set[torch.randperm(sorted_set.numel(), generator=gen)]
+    assert torch.equal(policies.is_member(shuffled, query, assume_sorted=False), got)
+    small = policies.is_member(shuffled[:50], query[:50], assume_sorted=False)  # the binary-search path
+    assert torch.equal(small, torch.isin(query[:50], shuffled[:50]))

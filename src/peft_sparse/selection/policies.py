@@ -17,23 +17,30 @@ _MEMBER_TABLE_LIMIT = 1 << 28
 _MEMBER_LARGE_QUERY = 1 << 16
 
 
-def is_member(sorted_set: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+def is_member(sorted_set: torch.Tensor, query: torch.Tensor, assume_sorted: bool = True) -> torch.Tensor:
     """Boolean mask: which entries of ``query`` occur in the sorted 1-D tensor ``sorted_set``.
 
     Large queries of non-negative integers (positions) are looked up in a bool table indexed by value when the
     largest value is below ``_MEMBER_TABLE_LIMIT`` (one write per set entry, one read per query, no binary
     searches); other queries by binary search, sorted first when large (the searches then walk the set forwards).
+    With ``assume_sorted=False`` the set may be in any order: it is sorted only if the binary search needs it.
     """
     if sorted_set.numel() == 0 or query.numel() == 0:
         return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
     large = query.numel() >= _MEMBER_LARGE_QUERY and not query.is_floating_point()
     if large:
-        low = min(int(query.min()), int(sorted_set[0]))
-        high = max(int(query.max()), int(sorted_set[-1]))
+        if assume_sorted:
+            set_low, set_high = int(sorted_set[0]), int(sorted_set[-1])
+        else:
+            set_low, set_high = int(sorted_set.min()), int(sorted_set.max())
+        low, high = min(int(query.min()), set_low), max(int(query.max()), set_high)
         if low >= 0 and high < _MEMBER_TABLE_LIMIT:
             table = torch.zeros(high + 1, dtype=torch.bool, device=query.device)
             table[sorted_set.long()] = True
             return table[query.long()]
+    if not assume_sorted:
+        sorted_set = torch.sort(sorted_set).values
+    if large:
         flat = query.reshape(-1)
         ordered, perm = torch.sort(flat)
         pos = torch.searchsorted(sorted_set, ordered).clamp(max=sorted_set.numel() - 1)
@@ -197,8 +204,8 @@ def replace_entries(
     choices = grow(excluded, k)
     grown = (positions_of(choices) if positions_of is not None else choices).to(device=device, dtype=torch.long)
     dropped_positions = indices[drop].long()
-    regrown = is_member(torch.sort(dropped_positions).values, grown)
+    regrown = is_member(dropped_positions, grown, assume_sorted=False)
     new_positions = grown[~regrown]
-    freed = drop[~is_member(torch.sort(grown).values, dropped_positions)]
+    freed = drop[~is_member(grown, dropped_positions, assume_sorted=False)]
     slots = freed[: new_positions.numel()]
     return slots, new_positions, choices.to(device)[~regrown.to(choices.device)]
