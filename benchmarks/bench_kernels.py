@@ -734,7 +734,10 @@ def to_markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> bool:
-    """Time against density per shape: value gradient (top) and layer step (bottom). False without matplotlib."""
+    """Time against density per shape: value gradient (top) and layer step (bottom). False without matplotlib or
+    without such results (``--reselection-only``)."""
+    if not results.get("value_gradient"):
+        return False
     try:
         import matplotlib
 
