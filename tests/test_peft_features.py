@@ -717,6 +717,7 @@ def test_targeting_fields_and_budgets():
         ({"budget_allocation": "per_tensor"}, "budget_allocation", "'per_tensor'"),
         ({"drop_criterion": "age"}, "drop_criterion", "'age'"),
         ({"regrow_dropped": "yes"}, "regrow_dropped", "'yes'"),
+        ({"ag_seed_moments": 1}, "ag_seed_moments", "1"),
     ],
 )
 def test_invalid_config_values_raise(kwargs, field, value):

@@ -80,10 +80,16 @@ def reference_adamw(w0, target, steps, positions_after, initial, lr, betas, eps,
 
 
 @pytest.mark.parametrize(
-    "selection, options", [("ag", {}), ("random", {"foreach": True}), ("ag", {"amsgrad": True, "fused": True})]
+    "selection, options, config",
+    [
+        ("ag", {}, {}),
+        ("random", {"foreach": True}, {}),
+        ("ag", {"amsgrad": True, "fused": True}, {}),
+        ("ag", {}, {"ag_seed_moments": False}),
+    ],
 )
-def test_adamw_with_reselections_equals_per_entry_age_reference(selection, options):
-    model, layer, w0 = make(selection=selection, total_steps=30, initial_reselection_rate=1.0)
+def test_adamw_with_reselections_equals_per_entry_age_reference(selection, options, config):
+    model, layer, w0 = make(selection=selection, total_steps=30, initial_reselection_rate=1.0, **config)
     target = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(5))
     values = layer.sparse_values["default"]
     lr, betas, eps, wd = 0.05, (0.8, 0.95), 1e-8, 0.1
@@ -99,7 +105,8 @@ def test_adamw_with_reselections_equals_per_entry_age_reference(selection, optio
     assert set(positions_after[1]) == set(initial)
     assert len(changes) >= 3, changes  # the positions did move, several times
     expected = reference_adamw(
-        w0, target, steps, positions_after, initial, lr, betas, eps, wd, 2, selection == "ag", options.get("amsgrad")
+        w0, target, steps, positions_after, initial, lr, betas, eps, wd, 2,
+        selection == "ag" and config.get("ag_seed_moments", True), options.get("amsgrad"),
     )
     got = dict(zip(layer.sparse_indices["default"].tolist(), values.detach().tolist()))
     ages = dict(zip(layer.sparse_indices["default"].tolist(), layer.spiel_age["default"].tolist()))

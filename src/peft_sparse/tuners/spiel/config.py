@@ -104,6 +104,14 @@ class SpIELConfig(PeftConfig):
             "SpIEL reference code does)."
         },
     )
+    ag_seed_moments: bool = field(
+        default=True,
+        metadata={
+            "help": "SpIEL-AG: seed the Adam moments of grown entries from the estimation phase's mean gradient and "
+            "mean squared gradient, with the phase's length as their age (thesis §7.3.1). False: grown entries start "
+            "with zero moments and age 0, as with the other selections."
+        },
+    )
     regrow_dropped: Optional[bool] = field(
         default=None,
         metadata={
@@ -154,6 +162,8 @@ class SpIELConfig(PeftConfig):
             raise ValueError(f"drop_criterion must be one of {DROP_CRITERIA}, got {self.drop_criterion!r}")
         if self.ag_statistics not in AG_STATISTICS:
             raise ValueError(f"ag_statistics must be one of {AG_STATISTICS}, got {self.ag_statistics!r}")
+        if not isinstance(self.ag_seed_moments, bool):
+            raise ValueError(f"ag_seed_moments must be True or False, got {self.ag_seed_moments!r}")
         if self.regrow_dropped is not None and not isinstance(self.regrow_dropped, bool):
             raise ValueError(f"regrow_dropped must be True, False or None, got {self.regrow_dropped!r}")
         if self.reselection_schedule not in SCHEDULES:

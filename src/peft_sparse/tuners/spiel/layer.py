@@ -323,7 +323,7 @@ class SpIELLayer(SparseDeltaLayer):
 
         Regrown slots get value 0, re-seeded optimizer state and an age: AG seeds Adam's moments with the gradient
         estimates of its estimation phase and the entry's age is the number of updates in that phase (as in the
-        SpIEL reference code); otherwise the moments are zero and the age 0.
+        SpIEL reference code; ``ag_seed_moments``); otherwise the moments are zero and the age 0.
         """
         config = self.sparse_config[adapter_name]
         param, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
@@ -372,7 +372,7 @@ class SpIELLayer(SparseDeltaLayer):
             slots, new_positions, chosen = distributed.agree_on_plan(slots, new_positions, chosen)
         indices[slots] = new_positions.to(indices.dtype)
         values[slots] = 0  # a gathered copy under FSDP2; write_regrown zeroes the local slice of the parameter
-        seeded = mean is not None and mean.numel() > 0
+        seeded = config.ag_seed_moments and mean is not None and mean.numel() > 0
         self.spiel_age[adapter_name][slots] = updates if seeded else 0
         if anchor.numel():
             anchor.copy_(values.detach().float())
