@@ -16,6 +16,7 @@ from peft_sparse.selection import (
     is_reselection_step,
     replace_entries,
     reselection_count,
+    top_gradient_candidates,
 )
 
 
@@ -161,3 +162,21 @@ def test_replace_entries_excluding_dropped_positions_grows_only_inactive_ones():
     slots, new_positions, chosen = replace_entries(indices, values, 3, grow, exclude_dropped=True)
     assert seen["excluded"] == [11, 12, 13, 14, 15, 40]
     assert slots.tolist() == [1, 2, 3] and new_positions.tolist() == [99, 7, 50]
+
+
+# blocks of at most max(block_elements, 4 k) numbers of the 12 x 9 gradient: one block; 7 rows; one row at a time
+@pytest.mark.parametrize("block_elements, k", [(1 << 20, 17), (7, 17), (7, 2)])
+def test_gradient_candidates_are_the_top_k_of_the_dense_gradient(block_elements, k):
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 12, generator=gen), torch.randn(5, 9, generator=gen)
+    dense = (a.double().t() @ b.double()).view(-1)
+    positions, grads = top_gradient_candidates(a, b, k, block_elements=block_elements)
+    expected = torch.topk(dense.abs(), k).indices
+    assert sorted(positions.tolist()) == sorted(expected.tolist())
+    torch.testing.assert_close(grads.double(), dense[positions], rtol=1e-5, atol=1e-6)
+    # the reduction (e.g. the mean over ranks) applies to every block before selection
+    halved, halved_grads = top_gradient_candidates(a, b, k, reduce=lambda t: t / 2, block_elements=block_elements)
+    assert sorted(halved.tolist()) == sorted(expected.tolist())
+    torch.testing.assert_close(halved_grads.double(), dense[halved] / 2, rtol=1e-5, atol=1e-6)
+    everything, _ = top_gradient_candidates(a, b, 1000, block_elements=block_elements)  # k above rows * cols
+    assert sorted(everything.tolist()) == list(range(12 * 9))

@@ -105,8 +105,18 @@ def test_adamw_with_reselections_equals_per_entry_age_reference(selection, optio
     assert set(positions_after[1]) == set(initial)
     assert len(changes) >= 3, changes  # the positions did move, several times
     expected = reference_adamw(
-        w0, target, steps, positions_after, initial, lr, betas, eps, wd, 2,
-        selection == "ag" and config.get("ag_seed_moments", True), options.get("amsgrad"),
+        w0,
+        target,
+        steps,
+        positions_after,
+        initial,
+        lr,
+        betas,
+        eps,
+        wd,
+        2,
+        selection == "ag" and config.get("ag_seed_moments", True),
+        options.get("amsgrad"),
     )
     got = dict(zip(layer.sparse_indices["default"].tolist(), values.detach().tolist()))
     ages = dict(zip(layer.sparse_indices["default"].tolist(), layer.spiel_age["default"].tolist()))

@@ -8,6 +8,7 @@ from .policies import (
     grow_random,
     is_member,
     replace_entries,
+    top_gradient_candidates,
 )
 from .schedule import SCHEDULES, in_estimation_phase, is_reselection_step, reselection_count
 from .topk import ChangeSource, TopKSelection, largest_changes, largest_changes_per_tensor
@@ -28,4 +29,5 @@ __all__ = [
     "largest_changes_per_tensor",
     "replace_entries",
     "reselection_count",
+    "top_gradient_candidates",
 ]

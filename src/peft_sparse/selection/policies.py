@@ -69,6 +69,49 @@ def drop_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return chosen[torch.sort(magnitude[chosen], stable=True).indices]
 
 
+# AG candidates: the dense weight gradient is formed this many numbers (or 4 k, if more) at a time.
+CANDIDATE_BLOCK_ELEMENTS = 1 << 20
+
+
+def top_gradient_candidates(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    k: int,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    block_elements: int = CANDIDATE_BLOCK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpIEL-AG candidates: the ``k`` flat row-major positions of the largest ``|a.T @ b|`` and the float32 gradient
+    there (thesis §7.3.1: the top-k of the first micro-batch's dense weight gradient).
+
+    ``a`` is ``[tokens, rows]``, ``b`` ``[tokens, cols]``. The product is formed a block of rows at a time (at most
+    ``max(block_elements, 4 k)`` numbers) and merged into a running top-k, so the whole ``rows x cols`` gradient
+    never exists at once; ``reduce`` (e.g. the mean over data-parallel ranks) is applied to every block first.
+    Positions come unordered; among equal magnitudes which ones are kept is unspecified.
+    """
+    rows, cols = a.shape[1], b.shape[1]
+    k = min(k, rows * cols)
+    device = a.device
+    positions = torch.zeros(0, dtype=torch.long, device=device)
+    grads = torch.zeros(0, dtype=torch.float32, device=device)
+    if k <= 0:
+        return positions, grads
+    step = max(1, max(block_elements, 4 * k) // cols)
+    b32 = b.float()
+    for start in range(0, rows, step):
+        block = a[:, start : start + step].float().t() @ b32
+        if reduce is not None:
+            block = reduce(block)
+        flat = block.reshape(-1)
+        top = torch.topk(flat.abs(), min(k, flat.numel()), sorted=False).indices
+        positions = torch.cat([positions, top + start * cols])
+        grads = torch.cat([grads, flat[top]])
+        del block, flat
+        if positions.numel() > k:
+            keep = torch.topk(grads.abs(), k, sorted=False).indices
+            positions, grads = positions[keep], grads[keep]
+    return positions, grads
+
+
 def grow_by_accumulated_gradient(
     candidates: torch.Tensor, mean_grad: torch.Tensor, excluded_sorted: torch.Tensor, k: int
 ) -> torch.Tensor:

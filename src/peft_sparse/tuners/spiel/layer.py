@@ -29,6 +29,7 @@ from ...selection import (
     is_reselection_step,
     replace_entries,
     reselection_count,
+    top_gradient_candidates,
 )
 from ...sparse_linear import GradientObserver
 from ...training import distributed
@@ -202,22 +203,20 @@ class SpIELLayer(SparseDeltaLayer):
         # later ones only gather the gradient at the candidates. ``values_grad``: the gradient of this adapter's
         # values in float32 if the backward computed it already.
         tracks_units = self._tracks_units(adapter)
+        backend = self.sparse_config[adapter].kernel_backend
         candidates = self.spiel_candidates[adapter]
         if candidates.numel() == 0:
-            dense = distributed.average_across_ranks(a.float().t() @ b.float())  # the same candidates on every rank
             budget = self.sparse_values[adapter].numel()
-            top = torch.topk(dense.view(-1).abs(), budget, sorted=False).indices
+            # the gradient averaged over ranks, so that every rank picks the same candidates
+            top, grad = top_gradient_candidates(a, b, budget, reduce=distributed.average_across_ranks)
             candidates = top.to(self.spiel_candidates[adapter].dtype)
             self.spiel_candidates[adapter] = candidates
-            self.spiel_candidate_grad[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
-            self.spiel_candidate_sq[adapter] = torch.zeros(budget, dtype=torch.float32, device=a.device)
-            grad = dense.view(-1)[top]
+            self.spiel_candidate_grad[adapter] = torch.zeros(candidates.numel(), dtype=torch.float32, device=a.device)
+            self.spiel_candidate_sq[adapter] = torch.zeros(candidates.numel(), dtype=torch.float32, device=a.device)
             if tracks_units and values_grad is None:
-                values_grad = dense.view(-1)[self.sparse_indices[adapter].long()]
-            del dense
+                values_grad = sddmm(a, b, self.sparse_indices[adapter], ncols, backend)
             self._fresh_candidates.add(adapter)
         else:
-            backend = self.sparse_config[adapter].kernel_backend
             grad = sddmm(a, b, candidates, ncols, backend)
             if tracks_units and values_grad is None:
                 values_grad = sddmm(a, b, self.sparse_indices[adapter], ncols, backend)
