@@ -42,12 +42,6 @@ def _layout(owner: tuple) -> tuple[torch.Tensor, tuple[int, int]]:
     return layer.sparse_indices[adapter], layer.weight_shape
 
 
-def _shared_statistics(owner: Optional[tuple]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    if owner is None or not hasattr(owner[0], "sm3_statistics"):
-        return None
-    return owner[0].sm3_statistics(owner[1])
-
-
 class SM3(torch.optim.Optimizer):
     """SM3 with optional momentum and decoupled weight decay.
 
@@ -128,7 +122,7 @@ class SM3(torch.optim.Optimizer):
         state["step"] += 1
         # SpIEL-MA layers keep these very statistics for growth: use theirs (updated once per step, saved with the
         # adapter) as the accumulators
-        shared = _shared_statistics(owner)
+        shared = None if owner is None else owner[0].sm3_statistics(owner[1])
         if shared is not None:
             state["row_accumulator"], state["col_accumulator"] = shared
         if shape is None:
@@ -136,8 +130,6 @@ class SM3(torch.optim.Optimizer):
         else:
             nu = sm3_accumulate(state["row_accumulator"], state["col_accumulator"], r, c, grad.reshape(-1))
             nu = nu.view_as(grad)
-        if shared is not None:
-            owner[0].statistics_accumulated(owner[1])
         update = local_part(grad / (nu.sqrt() + group["eps"]), p)
         if group["momentum"] > 0:
             buf = state["momentum_buffer"]

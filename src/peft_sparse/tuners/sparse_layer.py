@@ -241,6 +241,11 @@ class SparseDeltaLayer(BaseTunerLayer):
             if values is not None and values.numel():
                 yield adapter, self.sparse_indices[adapter], values
 
+    def sm3_statistics(self, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Row and column statistics that ``peft_sparse.SM3`` should use as its accumulators for this adapter's
+        values, or None to keep its own (subclasses override)."""
+        return None
+
     # ----------------------------------------------------------------------------------------- forward
     def gradient_observer(self) -> Optional[GradientObserver]:
         """A callback that wants the dense weight gradient in this backward, or None (subclasses override)."""

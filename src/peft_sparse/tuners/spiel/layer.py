@@ -20,7 +20,7 @@ from torch import nn
 
 from ...delta import check_delta, index_dtype_for
 from ...kernels import sddmm
-from ...optim import sm3_accumulate
+from ...optim import SM3, sm3_accumulate
 from ...selection import (
     grow_by_accumulated_gradient,
     grow_by_momentum_approximation,
@@ -63,7 +63,6 @@ class SpIELLayer(SparseDeltaLayer):
         self._pending_values: dict[str, torch.Tensor] = {}
         self._step_cache: dict[str, int] = {}
         self._fresh_candidates: set[str] = set()  # candidates picked since the last update (dropped if it is skipped)
-        self._statistics_accumulated: set[str] = set()  # SpIEL-MA adapters whose SM3 optimizer did this update's
 
     def update_layer(self, adapter_name: str, config: Any, layer_key: str = "") -> None:
         """Add ``adapter_name`` with an empty delta and fresh training state; the budget comes later."""
@@ -202,7 +201,6 @@ class SpIELLayer(SparseDeltaLayer):
         # The first micro-batch of a phase picks the candidates from the dense gradient (freed right away);
         # later ones only gather the gradient at the candidates. ``values_grad``: the gradient of this adapter's
         # values in float32 if the backward computed it already.
-        tracks_units = self._tracks_units(adapter)
         backend = self.sparse_config[adapter].kernel_backend
         candidates = self.spiel_candidates[adapter]
         if candidates.numel() == 0:
@@ -213,17 +211,16 @@ class SpIELLayer(SparseDeltaLayer):
             self.spiel_candidates[adapter] = candidates
             self.spiel_candidate_grad[adapter] = torch.zeros(candidates.numel(), dtype=torch.float32, device=a.device)
             self.spiel_candidate_sq[adapter] = torch.zeros(candidates.numel(), dtype=torch.float32, device=a.device)
-            if tracks_units and values_grad is None:
-                values_grad = sddmm(a, b, self.sparse_indices[adapter], ncols, backend)
             self._fresh_candidates.add(adapter)
         else:
             grad = sddmm(a, b, candidates, ncols, backend)
-            if tracks_units and values_grad is None:
-                values_grad = sddmm(a, b, self.sparse_indices[adapter], ncols, backend)
         _accumulate(self._pending, adapter, grad)
-        if tracks_units and values_grad is not None:
-            # a copy: the backward hands the same tensor to autograd, and the sums are changed in place
-            _accumulate(self._pending_values, adapter, values_grad.float().clone())
+        if self._tracks_units(adapter):
+            if values_grad is None:
+                values_grad = sddmm(a, b, self.sparse_indices[adapter], ncols, backend)
+            else:  # a copy: the backward hands the same tensor to autograd, and the sums are changed in place
+                values_grad = values_grad.clone()
+            _accumulate(self._pending_values, adapter, values_grad)
 
     def _tracks_units(self, adapter: str) -> bool:
         return self.sparse_config[adapter].ag_statistics == "as_stepped"
@@ -259,8 +256,8 @@ class SpIELLayer(SparseDeltaLayer):
         self._step_cache[adapter_name] = step
         if values.grad is not None and values.numel():
             self._age_entries(adapter_name, optimizer)
-        accumulated = adapter_name in self._statistics_accumulated
-        self._statistics_accumulated.discard(adapter_name)
+        # peft_sparse.SM3 has already added this update to the statistics: they are its accumulators
+        accumulated = isinstance(optimizer, SM3)
         if config.selection == "ma" and values.grad is not None and values.numel() and not accumulated:
             idx = self.sparse_indices[adapter_name].long()
             cols = self.weight_shape[1]
@@ -291,16 +288,12 @@ class SpIELLayer(SparseDeltaLayer):
         """SpIEL-MA's row and column statistics of ``adapter_name`` for ``peft_sparse.SM3`` to use as its
         accumulators (None for other selections).
 
-        They are the same SM3-II numbers SM3 keeps, so SM3 updates these in place and calls
-        ``statistics_accumulated``, and the update is not computed a second time after the step.
+        They are the same SM3-II numbers SM3 keeps, so SM3 updates these in place and the layer does not compute
+        the update a second time after the step.
         """
         if self.sparse_config[adapter_name].selection != "ma":
             return None
         return self.spiel_row_stats[adapter_name], self.spiel_col_stats[adapter_name]
-
-    def statistics_accumulated(self, adapter_name: str) -> None:
-        """Record that the optimizer has added this update's gradient to ``sm3_statistics(adapter_name)``."""
-        self._statistics_accumulated.add(adapter_name)
 
     def _age_entries(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
         # An entry's age never exceeds the optimizer's own step count (a fresh optimizer after loading a trained
