@@ -171,3 +171,23 @@ def test_adam_step_is_redone_with_each_entrys_own_bias_correction(ages):
     # entries as old as the optimizer's step keep torch's update bit for bit; the others moved
     assert torch.equal(param.detach()[at_step], twin.detach()[at_step])
     assert (param.detach()[~at_step] != twin.detach()[~at_step]).all()
+
+
+def test_age_correction_leaves_entries_as_old_as_the_step_alone():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(50))
+    opt = torch.optim.AdamW([param], lr=1e-2)
+    for _ in range(4):
+        param.grad = torch.randn(50)
+        opt.step()
+    before = param.detach().clone()
+    # every entry as old as the optimizer's step count: nothing to redo
+    assert not correct_adam_step_for_age(opt, param, torch.full((50,), 4, dtype=torch.int64))
+    assert torch.equal(param.detach(), before)
+    # an optimizer without Adam's moments is left alone
+    sgd_param = torch.nn.Parameter(torch.ones(3))
+    sgd = torch.optim.SGD([sgd_param], lr=0.1)
+    sgd_param.grad = torch.ones(3)
+    sgd.step()
+    assert not correct_adam_step_for_age(sgd, sgd_param, torch.tensor([0, 1, 1]))
+    assert torch.equal(sgd_param.detach(), torch.full((3,), 0.9))

@@ -18,7 +18,7 @@ from peft_sparse.kernels import (
     topk_outer_product_reference,
     topk_outer_product_threshold,
 )
-from peft_sparse.kernels.positions import build_sorted_positions
+from peft_sparse.kernels.positions import build_sorted_positions, rows_and_cols
 from peft_sparse.sparse_linear import merged_weight, sparse_delta_linear
 from peft_sparse.tuners.base_weight import DenseBaseWeight
 
@@ -89,6 +89,43 @@ def test_sorted_positions_follow_in_place_changes_of_the_indices():
     assert refreshed is not first
     assert torch.equal(refreshed.sorted, torch.sort(idx).values)
     torch.testing.assert_close(sddmm_csr(a, b, idx, 17).double(), _dense_truth(a, b, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_csr_shares_one_transposed_copy_of_an_input_between_projections():
+    # query/key/value read one activation: their backward passes views of it, which are transposed once
+    a_q, a_k = _operands(12, 9, 20, seed=1)[0], _operands(12, 9, 20, seed=2)[0]
+    x = torch.randn(1, 12, 20)
+    idx = _indices(9 * 20, 25, seed=4)
+    first = sddmm_module.token_major_operand(x.reshape(-1, 20))
+    assert torch.equal(first, x.reshape(-1, 20).T) and first.is_contiguous()
+    assert sddmm_module.token_major_operand(x.reshape(-1, 20)) is first
+    for a in (a_q, a_k):
+        b = x.reshape(-1, 20)
+        torch.testing.assert_close(sddmm_csr(a, b, idx, 20).double(), _dense_truth(a, b, idx), rtol=1e-5, atol=1e-5)
+    # an in-place change of the activation is seen (its version changes), and so is a different tensor
+    x.mul_(-2)
+    b = x.reshape(-1, 20)
+    assert sddmm_module.token_major_operand(b) is not first
+    torch.testing.assert_close(sddmm_csr(a_q, b, idx, 20).double(), _dense_truth(a_q, b, idx), rtol=1e-5, atol=1e-5)
+    other = x.clone()
+    assert torch.equal(sddmm_module.token_major_operand(other.reshape(-1, 20)), b.T)
+    assert sddmm_module.token_major_operand(other.reshape(-1, 20)) is not sddmm_module.token_major_operand(b)
+
+
+def test_transposed_copy_is_not_kept_past_its_activation():
+    x = torch.randn(8, 30)
+    copy = sddmm_module.token_major_operand(x[:, :])
+    assert sddmm_module._last_token_major is not None and sddmm_module._last_token_major[2] is copy
+    del x
+    assert sddmm_module._last_token_major is None
+
+
+def test_rows_and_cols_of_flat_positions():
+    idx = torch.tensor([0, 16, 17, 33, 50, 101], dtype=torch.int32)
+    rows, cols = rows_and_cols(idx, 17)
+    assert rows.tolist() == [p // 17 for p in idx.tolist()]
+    assert cols.tolist() == [p % 17 for p in idx.tolist()]
+    assert rows.dtype == cols.dtype == torch.int64
 
 
 def test_build_sorted_positions_is_the_csr_of_the_positions():

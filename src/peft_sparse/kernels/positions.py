@@ -39,12 +39,19 @@ def _forget(key: int) -> None:
     _CACHE.pop(key, None)
 
 
+def rows_and_cols(indices: torch.Tensor, ncols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column (int64) of each flat row-major position in ``indices``; the column as ``p - row * ncols``,
+    which is cheaper than ``p % ncols`` on a CPU."""
+    idx = indices.long()
+    rows = torch.div(idx, ncols, rounding_mode="floor")
+    return rows, idx - rows * ncols
+
+
 def build_sorted_positions(indices: torch.Tensor, nrows: int, ncols: int) -> SortedPositions:
     """The row-major order and CSR structure of ``indices`` (no caching)."""
     idx = indices.detach().long()
     ordered, perm = torch.sort(idx)
-    rows = torch.div(ordered, ncols, rounding_mode="floor")
-    col = ordered - rows * ncols
+    rows, col = rows_and_cols(ordered, ncols)
     crow = torch.zeros(nrows + 1, dtype=torch.int64, device=idx.device)
     if idx.numel():
         crow[1:] = torch.cumsum(torch.bincount(rows, minlength=nrows)[:nrows], 0)

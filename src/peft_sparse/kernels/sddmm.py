@@ -29,6 +29,7 @@ the positions in row-major order (``sorted_positions``, cached per indices tenso
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -205,11 +206,46 @@ def _float32_operand(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+# (weak reference to the tensor owning the memory, key, copy): the last ``b`` operand of ``sddmm_csr`` in the layout
+# sampled_addmm reads, kept while that tensor lives and is not modified
+_last_token_major: tuple | None = None
+
+
+def _forget_token_major(ref: weakref.ref) -> None:
+    global _last_token_major
+    entry = _last_token_major
+    if entry is not None and entry[0] is ref:
+        _last_token_major = None
+
+
+def token_major_operand(b: torch.Tensor) -> torch.Tensor:
+    """``b`` ([tokens, ncols]) as a float32 ``[ncols, tokens]`` contiguous copy, the layout in which
+    ``torch.sparse.sampled_addmm`` reads its second operand (it copies any other layout into it itself).
+
+    The last copy is reused while the same memory comes again unmodified: the projections of a transformer block
+    that read one input (query/key/value, gate/up) pass the same activation to their backward, so it is transposed
+    once instead of once per projection. The copy is kept only while the activation itself lives.
+    """
+    global _last_token_major
+    owner = b if b._base is None else b._base
+    key = (b.data_ptr(), tuple(b.shape), b.stride(), b.dtype, b.device, owner._version)
+    entry = _last_token_major
+    if entry is not None and entry[0]() is owner and entry[1] == key:
+        return entry[2]
+    copy = torch.empty((b.shape[1], b.shape[0]), dtype=torch.float32, device=b.device).copy_(b.t())
+    try:
+        ref = weakref.ref(owner, _forget_token_major)
+    except TypeError:  # not weak-referenceable: do not keep it
+        return copy
+    _last_token_major = (ref, key, copy)
+    return copy
+
+
 def sddmm_csr(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int) -> torch.Tensor:
     """``sddmm_reference`` by ``torch.sparse.sampled_addmm`` on the row-major (CSR) order of ``indices``.
 
     The operands are used in float32 (the sparse kernels take no half types); the result is in the slot order of
-    ``indices``.
+    ``indices``. ``b`` goes in through ``token_major_operand`` (shared by consecutive calls with the same ``b``).
     """
     check_sddmm_args(a, b, indices, ncols)
     k = indices.numel()
@@ -223,7 +259,7 @@ def sddmm_csr(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: in
         pattern = torch.sparse_csr_tensor(
             order.crow, order.col, torch.zeros(k, dtype=torch.float32, device=a.device), (a.shape[1], ncols)
         )
-        sampled = torch.sparse.sampled_addmm(pattern, _float32_operand(a).t(), _float32_operand(b), beta=0.0)
+        sampled = torch.sparse.sampled_addmm(pattern, _float32_operand(a).t(), token_major_operand(b).t(), beta=0.0)
     return out.index_copy_(0, order.perm, sampled.values())
 
 
@@ -259,7 +295,7 @@ def sddmm_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: 
         out[:] = _mm_float32(a.t(), b).view(-1)[indices.long()]
         return out
     order = sorted_positions(indices, nrows, ncols)
-    bounds = order.crow[:: step].tolist() + ([int(order.crow[-1])] if nrows % step else [])
+    bounds = order.crow[::step].tolist() + ([int(order.crow[-1])] if nrows % step else [])
     for block, r0 in enumerate(range(0, nrows, step)):
         lo, hi = bounds[block], bounds[block + 1]
         if lo == hi:

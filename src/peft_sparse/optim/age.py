@@ -11,8 +11,11 @@ moves each entry from torch's update to the per-age one:
 with ``m``, ``v`` the moments after the step (``max_exp_avg_sq`` for amsgrad), ``t`` torch's step and ``a`` the
 entry's age. Weight decay (decoupled for AdamW, in the gradient for Adam) does not depend on ``t``, so the result
 equals an Adam whose bias correction uses ``a``, up to float rounding; an entry whose age equals the global step is
-left bit-for-bit as torch made it. This holds for every torch Adam/AdamW implementation (for-loop, foreach, fused,
-capturable, amsgrad, maximize). Other optimizers keep their own global-step correction (logged once).
+left bit-for-bit as torch made it. Both updates are computed in float32 with the same operations (one pass each
+over the moments), so the corrected update differs from the exact per-age one by a few float32 roundings, as
+torch's own update does from the exact global-step one. This holds for every torch Adam/AdamW implementation
+(for-loop, foreach, fused, capturable, amsgrad, maximize). Other optimizers keep their own global-step correction
+(logged once).
 """
 
 from __future__ import annotations
@@ -32,27 +35,30 @@ def supports_per_entry_age(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.Adam)
 
 
-def _bias_corrections(ages: torch.Tensor, t: int, beta1: float, beta2: float) -> tuple[torch.Tensor, ...]:
-    """``1 - beta1**a`` and ``sqrt(1 - beta2**a)`` per entry and at ``a = t`` (float64).
+def _update_coefficients(
+    ages: torch.Tensor, low: int, high: int, t: int, beta1: float, beta2: float, lr: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Torch's Adam update rewritten as ``m * k1 / (sqrt(v) + k2)``: per entry ``k1`` and ``k2`` (float32) for the
+    entries' ages and, as Python floats, for the global step ``t``.
 
-    Ages take few distinct values (entries grown at the same reselection share one), so when the range of ages is
-    shorter than the entries the corrections are computed once per age in that range and gathered; the entries'
-    and the global step's values then come from the same table, so an entry of age ``t`` gets exactly torch's.
+    With ``c = sqrt(1 - beta2**a)``: ``lr * (m / (1 - beta1**a)) / (sqrt(v) / c + eps) = m * k1 / (sqrt(v) + k2)``,
+    ``k1 = lr * c / (1 - beta1**a)``, ``k2 = eps * c``, computed in float64 and rounded once to float32. Ages take few
+    distinct values (entries grown at the same reselection share one), so when the range ``[low, high]`` of ages is
+    shorter than the entries the coefficients are computed once per age and gathered. Either way an entry of age
+    ``t`` gets exactly the global step's coefficients.
     """
-    low, high = min(int(ages.min()), t), max(int(ages.max()), t)
+
+    def coefficients(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = (1 - beta2**steps).sqrt()
+        return (lr * c / (1 - beta1**steps)).float(), (eps * c).float()
+
     if high - low + 1 <= ages.numel():
-        span = torch.arange(low, high + 1, dtype=torch.float64, device=ages.device)
-        bc1, bc2_sqrt = 1 - beta1**span, (1 - beta2**span).sqrt()
+        k1, k2 = coefficients(torch.arange(low, high + 1, dtype=torch.float64, device=ages.device))
         offset = (ages - low).long()
-        return bc1[offset], bc2_sqrt[offset], bc1[t - low], bc2_sqrt[t - low]
-    steps = torch.cat([ages.to(torch.float64), torch.tensor([float(t)], dtype=torch.float64, device=ages.device)])
-    bc1, bc2_sqrt = 1 - beta1**steps, (1 - beta2**steps).sqrt()
-    return bc1[:-1], bc2_sqrt[:-1], bc1[-1], bc2_sqrt[-1]
-
-
-def _adam_update(exp_avg, second_sqrt, lr: float, eps: float, bc1: torch.Tensor, bc2_sqrt: torch.Tensor):
-    # torch's Adam update (float64 here), with per-entry or global bias corrections
-    return exp_avg * (lr / bc1) / (second_sqrt / bc2_sqrt + eps)
+        return k1.index_select(0, offset), k2.index_select(0, offset), float(k1[t - low]), float(k2[t - low])
+    step = torch.tensor([float(t)], dtype=torch.float64, device=ages.device)
+    k1, k2 = coefficients(torch.cat([ages.double(), step]))
+    return k1[:-1], k2[:-1], float(k1[-1]), float(k2[-1])
 
 
 @torch.no_grad()
@@ -77,16 +83,20 @@ def correct_adam_step_for_age(optimizer: torch.optim.Optimizer, param: torch.Ten
     if not state or "exp_avg" not in state or "step" not in state:
         return False
     t = int(state["step"])
+    if t <= 0 or param.numel() == 0:
+        return False
     ages = age.to(device=param.device)
-    if t <= 0 or bool((ages == t).all()):
+    low, high = (int(a) for a in ages.aminmax())
+    if low == high == t:
         return False
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps = float(group["lr"]), float(group["eps"])
     second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-    exp_avg, second_sqrt = state["exp_avg"].double(), second.double().sqrt()
-    bc1_age, bc2_sqrt_age, bc1_step, bc2_sqrt_step = _bias_corrections(ages, t, beta1, beta2)
-    torch_update = _adam_update(exp_avg, second_sqrt, lr, eps, bc1_step, bc2_sqrt_step)
-    age_update = _adam_update(exp_avg, second_sqrt, lr, eps, bc1_age, bc2_sqrt_age)
-    param.add_((torch_update - age_update).to(param.dtype))
+    k1, k2, k1_step, k2_step = _update_coefficients(ages, min(low, t), max(high, t), t, beta1, beta2, lr, eps)
+    exp_avg, root = state["exp_avg"].float(), second.float().sqrt()
+    # the same operations in the same order for both updates: an entry of age t gets a correction of exactly 0
+    age_update = (exp_avg * k1).div_(k2.add_(root))
+    torch_update = (exp_avg * k1_step).div_(root.add_(k2_step))
+    param.add_(torch_update.sub_(age_update).to(param.dtype))
     return True

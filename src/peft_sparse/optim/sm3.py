@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..kernels.positions import rows_and_cols
 from ..training.distributed import full_tensor, local_part, local_tensor
 from ..training.registry import owners_of
 
@@ -25,7 +26,8 @@ def sm3_accumulate(
     the ``nu`` of its entries (SM3-II); rows and columns without entries keep their value.
     """
     g = grad.float()
-    nu = torch.minimum(row_acc[rows], col_acc[cols]) + g * g
+    # index_select: much faster than advanced indexing for a long index on CPU
+    nu = torch.minimum(row_acc.index_select(0, rows), col_acc.index_select(0, cols)).addcmul_(g, g)
     row_acc.scatter_reduce_(0, rows, nu, reduce="amax", include_self=True)
     col_acc.scatter_reduce_(0, cols, nu, reduce="amax", include_self=True)
     return nu
@@ -101,8 +103,7 @@ class SM3(torch.optim.Optimizer):
         target = local_tensor(p)
         if layout is not None:
             indices, (rows, cols) = layout
-            idx = indices.long()
-            r, c = idx // cols, idx % cols
+            r, c = rows_and_cols(indices, cols)
             shape = (rows, cols)
         elif p.dim() == 2:
             shape = tuple(p.shape)

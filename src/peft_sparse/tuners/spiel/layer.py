@@ -20,6 +20,7 @@ from torch import nn
 
 from ...delta import check_delta, index_dtype_for
 from ...kernels import sddmm
+from ...kernels.positions import rows_and_cols
 from ...optim import SM3, sm3_accumulate
 from ...selection import (
     grow_by_accumulated_gradient,
@@ -259,13 +260,12 @@ class SpIELLayer(SparseDeltaLayer):
         # peft_sparse.SM3 has already added this update to the statistics: they are its accumulators
         accumulated = isinstance(optimizer, SM3)
         if config.selection == "ma" and values.grad is not None and values.numel() and not accumulated:
-            idx = self.sparse_indices[adapter_name].long()
-            cols = self.weight_shape[1]
+            rows, cols = rows_and_cols(self.sparse_indices[adapter_name], self.weight_shape[1])
             sm3_accumulate(
                 self.spiel_row_stats[adapter_name],
                 self.spiel_col_stats[adapter_name],
-                idx // cols,
-                idx % cols,
+                rows,
+                cols,
                 distributed.full_tensor(values.grad),  # averaged over ranks by DDP/FSDP2
             )
         pending = self._pending.pop(adapter_name, None)
