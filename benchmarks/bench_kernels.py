@@ -5,8 +5,8 @@ Measures, in bf16 on one GPU (float32 with ``--device cpu``):
 - value gradient: dense ``dY.T @ X`` then gather K entries (what earlier implementations do) against every strategy
   behind ``peft_sparse.kernels.sddmm``: ``csr`` (``torch.sparse.sampled_addmm``), ``dense`` (row-blocked dense
   product, float32 out), the Triton SDDMM in its default (operands as given) and token-major (operands transposed
-  first) layouts, ``gather`` (the reference; CPU only) and ``auto`` (what dispatch picks: timed once per shape on
-  CUDA, the measured crossover on CPU);
+  first) layouts and on the positions in row-major order (``triton_sorted``), ``gather`` (the reference; CPU only)
+  and ``auto`` (what dispatch picks: timed once per shape on CUDA, the measured crossover on CPU);
 - a linear layer's forward + backward: frozen ``nn.Linear``-style GEMMs, the sparse-delta layer (merged:
   ``apply_delta`` then GEMM, values' gradient by SDDMM; and, where ``tokens * K`` is small enough, the split
   formulation), and LoRA
@@ -305,6 +305,7 @@ class Bench:
         if self.triton:
             methods["sddmm"] = lambda: sddmm_launch(dy, x, idx, in_f)
             methods["sddmm_token_major"] = lambda: sddmm_launch(dy, x, idx, in_f, token_major=True)
+            methods["triton_sorted"] = lambda: kernels.sddmm_triton_sorted(dy, x, idx, in_f)
         if self.device.type == "cpu":
             methods["gather"] = lambda: kernels.sddmm_reference(dy, x, idx, in_f)
         methods["auto"] = lambda: kernels.sddmm(dy, x, idx, in_f)

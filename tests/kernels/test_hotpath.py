@@ -294,7 +294,7 @@ def test_cuda_sddmm_strategies_and_tuned_dispatch(dtype):
             torch.testing.assert_close(STRATEGIES[name](a, b, idx, cols).double(), truth, **tol)
         for _ in range(2):  # the first call times the candidates, the second runs the kept one
             torch.testing.assert_close(sddmm(a, b, idx, cols).double(), truth, **tol)
-    assert set(dispatch.tuned_sddmm_strategies().values()) <= {"csr", "dense", "triton"}
+    assert set(dispatch.tuned_sddmm_strategies().values()) <= {"csr", "dense", "triton", "triton_sorted"}
 
 
 @needs_cuda

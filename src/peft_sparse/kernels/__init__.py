@@ -21,7 +21,7 @@ from .dispatch import (
     topk_outer_product,
 )
 from .positions import SortedPositions, sorted_positions
-from .sddmm import sddmm_csr, sddmm_dense, sddmm_reference, sddmm_triton
+from .sddmm import sddmm_csr, sddmm_dense, sddmm_reference, sddmm_triton, sddmm_triton_sorted
 from .sparse_delta_matmul import (
     SparseDeltaMatmul,
     sparse_delta_matmul_reference,
@@ -61,6 +61,7 @@ __all__ = [
     "sddmm_dense",
     "sddmm_reference",
     "sddmm_triton",
+    "sddmm_triton_sorted",
     "set_sddmm_strategy",
     "sorted_positions",
     "sparse_delta_matmul",

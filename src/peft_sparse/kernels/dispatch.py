@@ -21,7 +21,7 @@ import torch
 from . import _triton
 from .apply_delta import apply_delta_reference
 from .dequantize_nf4 import dequantize_nf4_delta_reference
-from .sddmm import sddmm_csr, sddmm_dense, sddmm_reference
+from .sddmm import sddmm_csr, sddmm_dense, sddmm_reference, sddmm_triton_sorted
 from .sparse_delta_matmul import sparse_delta_matmul_reference
 from .topk_outer_product import topk_outer_product_reference, topk_outer_product_threshold
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "PEFT_SPARSE_KERNEL_BACKEND"
-SDDMM_STRATEGIES = ("auto", "csr", "dense", "gather", "triton")
+SDDMM_STRATEGIES = ("auto", "csr", "dense", "gather", "triton", "triton_sorted")
 SDDMM_ENV_VAR = "PEFT_SPARSE_SDDMM_STRATEGY"
 # CPU: below this density (K / (rows * cols)) ``csr`` wins, above it ``dense``. Measured with
 # benchmarks/bench_kernels.py (one thread, [2816, 1024] and Llama-7B shapes, 512-4096 tokens): csr is 3-5x faster at
@@ -193,6 +193,10 @@ def _run_sddmm_strategy(
 ) -> torch.Tensor:
     if name == "triton":
         return resolve("sddmm", a.device, "triton")(a, b, indices, ncols)
+    if name == "triton_sorted":
+        if resolve("sddmm", a.device, "triton") is sddmm_reference:  # no usable Triton: said why in the log
+            return sddmm_reference(a, b, indices, ncols)
+        return sddmm_triton_sorted(a, b, indices, ncols)
     return _SDDMM_FUNCTIONS[name](a, b, indices, ncols)
 
 
@@ -204,7 +208,7 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int, s
         return _run_sddmm_strategy(strategy, a, b, indices, ncols)
     candidates = ["csr", "dense"]
     if requested_backend(setting) == "auto" and _OPS["sddmm"][1] is not None:
-        candidates.append("triton")
+        candidates += ["triton", "triton_sorted"]
     key = (
         str(a.device), a.dtype, a.shape[1], ncols, _bucket(indices.numel()), _bucket(a.shape[0]), tuple(candidates)
     )

@@ -202,6 +202,23 @@ def sddmm_triton(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols:
     return sddmm_launch(a, b, indices, ncols)
 
 
+def sddmm_triton_sorted(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int) -> torch.Tensor:
+    """The Triton SDDMM on the positions in row-major order with ``[features, tokens]`` operands; returns float32
+    ``[K]`` in the slot order of ``indices`` like ``sddmm_reference``.
+
+    A block of consecutive sorted positions falls in few rows, so the kernel's loads of ``a`` repeat a row's tokens
+    across its positions (served from cache), and each position reads its tokens contiguously. Costs a transposed
+    copy of each operand (``b``'s shared between calls, as in ``sddmm_csr``) and a scatter of the result into slot
+    order; the row-major order is cached per indices tensor (``sorted_positions``).
+    """
+    check_sddmm_args(a, b, indices, ncols)
+    order = sorted_positions(indices, a.shape[1], ncols)
+    a_view = a.t().contiguous().t()
+    b_view = token_major_operand(b, b.dtype).t()
+    sampled = sddmm_launch(a_view, b_view, order.sorted, ncols)
+    return torch.empty_like(sampled).index_copy_(0, order.perm, sampled)
+
+
 def _float32_operand(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
@@ -218,8 +235,8 @@ def _forget_token_major(ref: weakref.ref) -> None:
         _last_token_major = None
 
 
-def token_major_operand(b: torch.Tensor) -> torch.Tensor:
-    """``b`` ([tokens, ncols]) as a float32 ``[ncols, tokens]`` contiguous copy, the layout in which
+def token_major_operand(b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``b`` ([tokens, ncols]) as a ``dtype`` ``[ncols, tokens]`` contiguous copy, the layout in which
     ``torch.sparse.sampled_addmm`` reads its second operand (it copies any other layout into it itself).
 
     The last copy is reused while the same memory comes again unmodified: the projections of a transformer block
@@ -228,11 +245,11 @@ def token_major_operand(b: torch.Tensor) -> torch.Tensor:
     """
     global _last_token_major
     owner = b if b._base is None else b._base
-    key = (b.data_ptr(), tuple(b.shape), b.stride(), b.dtype, b.device, owner._version)
+    key = (b.data_ptr(), tuple(b.shape), b.stride(), b.dtype, b.device, owner._version, dtype)
     entry = _last_token_major
     if entry is not None and entry[0]() is owner and entry[1] == key:
         return entry[2]
-    copy = torch.empty((b.shape[1], b.shape[0]), dtype=torch.float32, device=b.device).copy_(b.t())
+    copy = torch.empty((b.shape[1], b.shape[0]), dtype=dtype, device=b.device).copy_(b.t())
     try:
         ref = weakref.ref(owner, _forget_token_major)
     except TypeError:  # not weak-referenceable: do not keep it
