@@ -284,7 +284,7 @@ class Bench:
 
     def bench_value_gradient(self, out_f: int, in_f: int, tokens: int, density: float) -> list[dict]:
         """dL/dvalues of a Linear: dense dY.T @ X + gather against the SDDMM kernel in both layouts."""
-        from peft_sparse.kernels.sddmm import sddmm_launch
+        from peft_sparse.kernels.sddmm import clear_token_major_cache, sddmm_launch
 
         numel = out_f * in_f
         k = max(1, round(density * numel))
@@ -296,19 +296,23 @@ class Bench:
         def dense():
             return (dy.t() @ x).view(-1)[long_idx].float()
 
+        def unshared(fn):
+            # every call transposes x afresh, as for a projection whose input no other projection reads
+            return lambda: (clear_token_major_cache(), fn())[1]
+
         kernels = self.kernels
         methods = {
             "dense_gather": dense,
-            "csr": lambda: kernels.sddmm_csr(dy, x, idx, in_f),
+            "csr": unshared(lambda: kernels.sddmm_csr(dy, x, idx, in_f)),
             "dense": lambda: kernels.sddmm_dense(dy, x, idx, in_f),
         }
         if self.triton:
             methods["sddmm"] = lambda: sddmm_launch(dy, x, idx, in_f)
             methods["sddmm_token_major"] = lambda: sddmm_launch(dy, x, idx, in_f, token_major=True)
-            methods["triton_sorted"] = lambda: kernels.sddmm_triton_sorted(dy, x, idx, in_f)
+            methods["triton_sorted"] = unshared(lambda: kernels.sddmm_triton_sorted(dy, x, idx, in_f))
         if self.device.type == "cpu":
             methods["gather"] = lambda: kernels.sddmm_reference(dy, x, idx, in_f)
-        methods["auto"] = lambda: kernels.sddmm(dy, x, idx, in_f)
+        methods["auto"] = unshared(lambda: kernels.sddmm(dy, x, idx, in_f))
         # float32 oracle: shows the bf16 rounding of the dense path next to the SDDMM's float32 accumulation.
         expected = (dy.float().t() @ x.float()).view(-1)[long_idx]
         rows = []

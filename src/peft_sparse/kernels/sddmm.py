@@ -235,6 +235,12 @@ def _forget_token_major(ref: weakref.ref) -> None:
         _last_token_major = None
 
 
+def clear_token_major_cache() -> None:
+    """Forget the kept transposed operand (benchmarks use it to time the transpose of every call)."""
+    global _last_token_major
+    _last_token_major = None
+
+
 def token_major_operand(b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``b`` ([tokens, ncols]) as a ``dtype`` ``[ncols, tokens]`` contiguous copy, the layout in which
     ``torch.sparse.sampled_addmm`` reads its second operand (it copies any other layout into it itself).
