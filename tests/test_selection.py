@@ -180,3 +180,15 @@ def test_gradient_candidates_are_the_top_k_of_the_dense_gradient(block_elements,
     torch.testing.assert_close(halved_grads.double(), dense[halved] / 2, rtol=1e-5, atol=1e-6)
     everything, _ = top_gradient_candidates(a, b, 1000, block_elements=block_elements)  # k above rows * cols
     assert sorted(everything.tolist()) == list(range(12 * 9))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_gradient_candidates_of_half_operands_in_float32(dtypes):
+    # the backward hands over the compute dtype; the candidates' gradients come out float32 either way
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(6, 10, generator=gen).to(dtypes[0]), torch.randn(6, 8, generator=gen).to(dtypes[1])
+    dense = (a.double().t() @ b.double()).view(-1)
+    positions, grads = top_gradient_candidates(a, b, 9, block_elements=16)
+    assert grads.dtype == torch.float32
+    assert sorted(positions.tolist()) == sorted(torch.topk(dense.abs(), 9).indices.tolist())
+    torch.testing.assert_close(grads.double(), dense[positions], rtol=1e-5, atol=1e-6)

@@ -286,7 +286,7 @@ def sddmm_csr(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: in
     return out.index_copy_(0, order.perm, sampled.values())
 
 
-def _mm_float32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def mm_float32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x @ y`` in float32: half operands stay half (tensor cores) with float32 accumulation and output where
     ``torch.mm(..., out_dtype=)`` exists (CUDA), else they are widened first."""
     if x.dtype == torch.float32:
@@ -315,7 +315,7 @@ def sddmm_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: 
     nrows = a.shape[1]
     step = max(1, DENSE_CHUNK_ELEMENTS // ncols)
     if step >= nrows:
-        out[:] = _mm_float32(a.t(), b).view(-1)[indices.long()]
+        out[:] = mm_float32(a.t(), b).view(-1)[indices.long()]
         return out
     order = sorted_positions(indices, nrows, ncols)
     bounds = order.crow[::step].tolist() + ([int(order.crow[-1])] if nrows % step else [])
@@ -323,6 +323,6 @@ def sddmm_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: 
         lo, hi = bounds[block], bounds[block + 1]
         if lo == hi:
             continue
-        product = _mm_float32(a[:, r0 : r0 + step].t(), b)
+        product = mm_float32(a[:, r0 : r0 + step].t(), b)
         out[order.perm[lo:hi]] = product.view(-1)[order.sorted[lo:hi] - r0 * ncols]
     return out

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernels import topk_outer_product
+from ..kernels.sddmm import mm_float32
 
 # is_member answers large queries of non-negative positions through a bool table of this many entries at most.
 _MEMBER_TABLE_LIMIT = 1 << 28
@@ -96,9 +97,11 @@ def top_gradient_candidates(
     if k <= 0:
         return positions, grads
     step = max(1, max(block_elements, 4 * k) // cols)
-    b32 = b.float()
+    if a.dtype != b.dtype:
+        a, b = a.float(), b.float()
     for start in range(0, rows, step):
-        block = a[:, start : start + step].float().t() @ b32
+        # in the compute dtype with float32 output where the device can (CUDA), else widened first
+        block = mm_float32(a[:, start : start + step].t(), b)
         if reduce is not None:
             block = reduce(block)
         flat = block.reshape(-1)
