@@ -113,11 +113,35 @@ def test_csr_shares_one_transposed_copy_of_an_input_between_projections():
 
 
 def test_transposed_copy_is_not_kept_past_its_activation():
-    x = torch.randn(8, 30)
+    x, dy = torch.randn(8, 30), torch.randn(8, 12)
     copy = sddmm_module.token_major_operand(x[:, :])
-    assert sddmm_module._last_token_major is not None and sddmm_module._last_token_major[2] is copy
+    dy_copy = sddmm_module.token_major_operand(dy, role="a")
+    assert sddmm_module._token_major["b"][2] is copy and sddmm_module._token_major["a"][2] is dy_copy
     del x
-    assert sddmm_module._last_token_major is None
+    assert "b" not in sddmm_module._token_major and sddmm_module._token_major["a"][2] is dy_copy
+    del dy
+    assert not sddmm_module._token_major
+
+
+def test_csr_transposes_the_output_gradient_once_for_values_and_candidates(monkeypatch):
+    # SpIEL-AG's estimation updates take a second product with the same dy and x (at the candidates)
+    dy, x = _operands(16, 9, 20, seed=5)
+    values_idx, candidates = _indices(9 * 20, 30, seed=6), _indices(9 * 20, 45, seed=7)
+    made = []
+    original = torch.Tensor.copy_
+
+    def counting_copy(self, src, *args, **kwargs):
+        made.append(tuple(self.shape))
+        return original(self, src, *args, **kwargs)
+
+    sddmm_module.clear_token_major_cache()
+    monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
+    first = sddmm_csr(dy, x, values_idx, 20)
+    second = sddmm_csr(dy, x, candidates, 20)
+    monkeypatch.undo()
+    assert made == [(9, 16), (20, 16)]  # one transposed copy of each operand for both products
+    torch.testing.assert_close(first.double(), _dense_truth(dy, x, values_idx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.double(), _dense_truth(dy, x, candidates), rtol=1e-5, atol=1e-5)
 
 
 def test_rows_and_cols_of_flat_positions():

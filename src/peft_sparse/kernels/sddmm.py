@@ -208,59 +208,53 @@ def sddmm_triton_sorted(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor,
 
     A block of consecutive sorted positions falls in few rows, so the kernel's loads of ``a`` repeat a row's tokens
     across its positions (served from cache), and each position reads its tokens contiguously. Costs a transposed
-    copy of each operand (``b``'s shared between calls, as in ``sddmm_csr``) and a scatter of the result into slot
+    copy of each operand (shared between calls, as in ``sddmm_csr``) and a scatter of the result into slot
     order; the row-major order is cached per indices tensor (``sorted_positions``).
     """
     check_sddmm_args(a, b, indices, ncols)
     order = sorted_positions(indices, a.shape[1], ncols)
-    a_view = a.t().contiguous().t()
-    b_view = token_major_operand(b, b.dtype).t()
+    a_view = token_major_operand(a, a.dtype, role="a").t()
+    b_view = token_major_operand(b, b.dtype, role="b").t()
     sampled = sddmm_launch(a_view, b_view, order.sorted, ncols)
     return torch.empty_like(sampled).index_copy_(0, order.perm, sampled)
 
 
-def _float32_operand(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 else t.float()
+# operand role -> (weak reference to the tensor owning the memory, key, copy): the last operand of each role in the
+# layout sampled_addmm reads, kept while that tensor lives and is not modified
+_token_major: dict[str, tuple] = {}
 
 
-# (weak reference to the tensor owning the memory, key, copy): the last ``b`` operand of ``sddmm_csr`` in the layout
-# sampled_addmm reads, kept while that tensor lives and is not modified
-_last_token_major: tuple | None = None
-
-
-def _forget_token_major(ref: weakref.ref) -> None:
-    global _last_token_major
-    entry = _last_token_major
+def _forget_token_major(role: str, ref: weakref.ref) -> None:
+    entry = _token_major.get(role)
     if entry is not None and entry[0] is ref:
-        _last_token_major = None
+        _token_major.pop(role, None)
 
 
 def clear_token_major_cache() -> None:
-    """Forget the kept transposed operand (benchmarks use it to time the transpose of every call)."""
-    global _last_token_major
-    _last_token_major = None
+    """Forget the kept transposed operands (benchmarks use it to time the transposes of every call)."""
+    _token_major.clear()
 
 
-def token_major_operand(b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``b`` ([tokens, ncols]) as a ``dtype`` ``[ncols, tokens]`` contiguous copy, the layout in which
-    ``torch.sparse.sampled_addmm`` reads its second operand (it copies any other layout into it itself).
+def token_major_operand(t: torch.Tensor, dtype: torch.dtype = torch.float32, role: str = "b") -> torch.Tensor:
+    """``t`` ([tokens, features]) as a ``dtype`` ``[features, tokens]`` contiguous copy, the layout in which
+    ``torch.sparse.sampled_addmm`` reads its operands (it copies any other layout into it itself).
 
-    The last copy is reused while the same memory comes again unmodified: the projections of a transformer block
-    that read one input (query/key/value, gate/up) pass the same activation to their backward, so it is transposed
-    once instead of once per projection. The copy is kept only while the activation itself lives.
+    The last copy of each ``role`` is reused while the same memory comes again unmodified: the projections of a
+    transformer block that read one input (query/key/value, gate/up) pass the same activation to their backward,
+    and SpIEL-AG's estimation updates take a second product with the same operands for their candidates, so each is
+    transposed once instead of once per product. A copy is kept only while the tensor it was made from lives.
     """
-    global _last_token_major
-    owner = b if b._base is None else b._base
-    key = (b.data_ptr(), tuple(b.shape), b.stride(), b.dtype, b.device, owner._version, dtype)
-    entry = _last_token_major
+    owner = t if t._base is None else t._base
+    key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, owner._version, dtype)
+    entry = _token_major.get(role)
     if entry is not None and entry[0]() is owner and entry[1] == key:
         return entry[2]
-    copy = torch.empty((b.shape[1], b.shape[0]), dtype=dtype, device=b.device).copy_(b.t())
+    copy = torch.empty((t.shape[1], t.shape[0]), dtype=dtype, device=t.device).copy_(t.t())
     try:
-        ref = weakref.ref(owner, _forget_token_major)
+        ref = weakref.ref(owner, lambda dead, role=role: _forget_token_major(role, dead))
     except TypeError:  # not weak-referenceable: do not keep it
         return copy
-    _last_token_major = (ref, key, copy)
+    _token_major[role] = (ref, key, copy)
     return copy
 
 
@@ -268,7 +262,7 @@ def sddmm_csr(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: in
     """``sddmm_reference`` by ``torch.sparse.sampled_addmm`` on the row-major (CSR) order of ``indices``.
 
     The operands are used in float32 (the sparse kernels take no half types); the result is in the slot order of
-    ``indices``. ``b`` goes in through ``token_major_operand`` (shared by consecutive calls with the same ``b``).
+    ``indices``. Both operands go in through ``token_major_operand`` (shared by consecutive calls with the same one).
     """
     check_sddmm_args(a, b, indices, ncols)
     k = indices.numel()
@@ -282,7 +276,9 @@ def sddmm_csr(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: in
         pattern = torch.sparse_csr_tensor(
             order.crow, order.col, torch.zeros(k, dtype=torch.float32, device=a.device), (a.shape[1], ncols)
         )
-        sampled = torch.sparse.sampled_addmm(pattern, _float32_operand(a).t(), token_major_operand(b).t(), beta=0.0)
+        sampled = torch.sparse.sampled_addmm(
+            pattern, token_major_operand(a, role="a"), token_major_operand(b, role="b").t(), beta=0.0
+        )
     return out.index_copy_(0, order.perm, sampled.values())
 
 
