@@ -14,6 +14,7 @@ from peft_sparse.selection import (
     in_estimation_phase,
     is_member,
     is_reselection_step,
+    policies,
     replace_entries,
     reselection_count,
     top_gradient_candidates,
@@ -192,3 +193,48 @@ def test_gradient_candidates_of_half_operands_in_float32(dtypes):
     assert grads.dtype == torch.float32
     assert sorted(positions.tolist()) == sorted(torch.topk(dense.abs(), 9).indices.tolist())
     torch.testing.assert_close(grads.double(), dense[positions], rtol=1e-5, atol=1e-6)
+
+
+def _valid_top_k(positions, grads, dense, k):
+    """The candidates are k distinct positions whose magnitudes (NaN the largest) are at least every other's."""
+    magnitude = dense.abs().nan_to_num(nan=float("inf"))
+    chosen = torch.zeros(dense.numel(), dtype=torch.bool)
+    chosen[positions] = True
+    assert positions.numel() == k and int(chosen.sum()) == k
+    if k < dense.numel():
+        assert magnitude[chosen].min() >= magnitude[~chosen].max()
+    torch.testing.assert_close(grads.double(), dense[positions], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("block_elements", [1 << 20, 30, 9])
+def test_gradient_candidates_with_ties_and_nan(block_elements):
+    # integer-valued gradients: many equal magnitudes around the k-th; one NaN, which topk ranks first
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randint(-2, 3, (3, 14), generator=gen).float()
+    b = torch.randint(-2, 3, (3, 9), generator=gen).float()
+    a[0, 5] = float("nan")  # a NaN row of the gradient
+    dense = (a.double().t() @ b.double()).view(-1)
+    for k in (1, 10, 40, 126):
+        positions, grads = top_gradient_candidates(a, b, k, block_elements=block_elements)
+        _valid_top_k(positions, grads, dense, k)
+
+
+@pytest.mark.parametrize("block_elements, k", [(1 << 20, 50), (60, 20), (200, 50)])
+def test_gradient_candidates_when_the_sampled_cut_keeps_too_few(monkeypatch, block_elements, k):
+    # a sample of 4 magnitudes, which here are the 4 largest of the 40 x 30 gradient: its quantile passes fewer than
+    # k entries, and the exact k-th largest of the block is used instead
+    monkeypatch.setattr(policies, "CUT_SAMPLE_ELEMENTS", 4)
+    gen = torch.Generator().manual_seed(6)
+    a, b = torch.randn(7, 40, generator=gen), torch.randn(7, 30, generator=gen)
+    a[:, [0, 10, 20, 30]] *= 50  # flat positions 0, 300, 600, 900: the strided sample of one 1200-number block
+    b[:, 0] *= 50
+    dense = (a.double().t() @ b.double()).view(-1)
+    sizes = []
+    kthvalue = torch.kthvalue
+    monkeypatch.setattr(policies.torch, "kthvalue", lambda t, *args: sizes.append(t.numel()) or kthvalue(t, *args))
+    positions, grads = top_gradient_candidates(a, b, k, block_elements=block_elements)
+    monkeypatch.undo()
+    assert sorted(positions.tolist()) == sorted(torch.topk(dense.abs(), k).indices.tolist())
+    torch.testing.assert_close(grads.double(), dense[positions], rtol=1e-5, atol=1e-6)
+    if block_elements > 40 * 30:
+        assert 40 * 30 in sizes  # the exact cut over the whole block was needed

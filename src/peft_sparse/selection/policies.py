@@ -72,6 +72,22 @@ def drop_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 # AG candidates: the dense weight gradient is formed this many numbers (or 4 k, if more) at a time.
 CANDIDATE_BLOCK_ELEMENTS = 1 << 20
+# ... and the first block is cut at a quantile of about this many of its magnitudes.
+CUT_SAMPLE_ELEMENTS = 1 << 16
+
+
+def _cut_for_largest(magnitude: torch.Tensor, need: int) -> torch.Tensor:
+    """Indices of the magnitudes at or above a cut below which none of the ``need`` largest lies (about ``2 need`` of
+    them): the cut is a quantile of a strided sample, made exact (the ``need``-th largest) when too few pass it."""
+    n = magnitude.numel()
+    sample = magnitude[:: max(1, n // CUT_SAMPLE_ELEMENTS)]
+    passing = min(sample.numel(), -(-2 * need * sample.numel() // n))  # ceil(2 need / n of the sample)
+    cut = torch.kthvalue(sample, sample.numel() - passing + 1).values
+    kept = torch.nonzero(magnitude >= cut).flatten()
+    if kept.numel() < need:
+        cut = torch.kthvalue(magnitude, n - need + 1).values
+        kept = torch.nonzero(magnitude >= cut).flatten()
+    return kept
 
 
 def top_gradient_candidates(
@@ -85,33 +101,53 @@ def top_gradient_candidates(
     there (thesis §7.3.1: the top-k of the first micro-batch's dense weight gradient).
 
     ``a`` is ``[tokens, rows]``, ``b`` ``[tokens, cols]``. The product is formed a block of rows at a time (at most
-    ``max(block_elements, 4 k)`` numbers) and merged into a running top-k, so the whole ``rows x cols`` gradient
-    never exists at once; ``reduce`` (e.g. the mean over data-parallel ranks) is applied to every block first.
-    Positions come unordered; among equal magnitudes which ones are kept is unspecified.
+    ``max(block_elements, 4 k)`` numbers), so the whole ``rows x cols`` gradient never exists at once; ``reduce``
+    (e.g. the mean over data-parallel ranks) is applied to every block first. A pool keeps every entry above a
+    threshold that only rises (the k-th largest magnitude kept so far, once k are kept), so each block costs a
+    comparison instead of a top-k; the first block's entries are cut at a sampled quantile, checked to keep at
+    least k. NaN counts as the largest magnitude, as in ``torch.topk``. Positions come unordered; among equal
+    magnitudes which ones are kept is unspecified.
     """
     rows, cols = a.shape[1], b.shape[1]
     k = min(k, rows * cols)
     device = a.device
-    positions = torch.zeros(0, dtype=torch.long, device=device)
-    grads = torch.zeros(0, dtype=torch.float32, device=device)
     if k <= 0:
-        return positions, grads
+        return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.float32, device=device)
     step = max(1, max(block_elements, 4 * k) // cols)
     if a.dtype != b.dtype:
         a, b = a.float(), b.float()
+    positions, grads, magnitudes = [], [], []
+    pooled = 0
+    threshold = None  # every entry left out is at most this; None until k entries are pooled
     for start in range(0, rows, step):
         # in the compute dtype with float32 output where the device can (CUDA), else widened first
         block = mm_float32(a[:, start : start + step].t(), b)
         if reduce is not None:
             block = reduce(block)
         flat = block.reshape(-1)
-        top = torch.topk(flat.abs(), min(k, flat.numel()), sorted=False).indices
-        positions = torch.cat([positions, top + start * cols])
-        grads = torch.cat([grads, flat[top]])
-        del block, flat
-        if positions.numel() > k:
-            keep = torch.topk(grads.abs(), k, sorted=False).indices
-            positions, grads = positions[keep], grads[keep]
+        magnitude = flat.abs().nan_to_num_(nan=float("inf"))
+        if threshold is not None:
+            kept = torch.nonzero(magnitude > threshold).flatten()
+        elif magnitude.numel() <= 2 * k:
+            kept = torch.arange(magnitude.numel(), device=device)
+        else:
+            # the block's own k largest all pass, so its k-th largest, and the pool's, is at or above the cut
+            kept = _cut_for_largest(magnitude, k)
+        positions.append(kept + start * cols)
+        grads.append(flat[kept].float())
+        magnitudes.append(magnitude[kept])
+        pooled += kept.numel()
+        del block, flat, magnitude
+        if pooled >= k and (threshold is None or pooled > 2 * k):
+            positions, grads, magnitudes = [torch.cat(parts) for parts in (positions, grads, magnitudes)]
+            threshold = torch.kthvalue(magnitudes, pooled - k + 1).values
+            kept = torch.nonzero(magnitudes >= threshold).flatten()
+            positions, grads, magnitudes = [positions[kept]], [grads[kept]], [magnitudes[kept]]
+            pooled = kept.numel()
+    positions, grads, magnitudes = [torch.cat(parts) for parts in (positions, grads, magnitudes)]
+    if pooled > k:
+        top = torch.topk(magnitudes, k, sorted=False).indices
+        positions, grads = positions[top], grads[top]
     return positions, grads
 
 
