@@ -13,13 +13,15 @@ Operand layout: the kernel takes any strides. By default it reads ``a`` and ``b`
 copy): the gathers along a token row are scattered. ``token_major=True`` first copies both operands to
 ``[features, tokens]`` so that each position reads a contiguous run of tokens, at the cost of one transposed copy of
 ``a`` and ``b``. Which is faster has not been measured (no GPU was available when this was written); the default
-avoids the extra memory, and ``benchmarks/bench_kernels.py`` times both.
+avoids the extra memory, and ``benchmarks/bench_kernels.py`` times both. ``sddmm_triton_sorted`` runs it token-major
+on the positions in row-major order, so that a block of positions shares few rows of ``a``.
 
 Strategies. Besides the gather reference and that kernel, two PyTorch strategies compute the same K numbers, both on
 the positions in row-major order (``sorted_positions``, cached per indices tensor, so the slots keep their order):
 
-- ``csr``: ``torch.sparse.sampled_addmm`` on a CSR matrix of the positions (MKL on CPU, cuSPARSE's SDDMM on CUDA),
-  float32 operands;
+- ``csr``: ``torch.sparse.sampled_addmm`` on a CSR matrix of the positions (ATen's kernel on CPU, cuSPARSE's SDDMM
+  on CUDA), float32 operands transposed to ``[features, tokens]`` by ``token_major_operand``, which keeps the last
+  copy of each operand for the next call with the same tensor;
 - ``dense``: the dense product ``a.T @ b`` (the compute dtype in, float32 out; tensor cores on a GPU) and a gather,
   a block of rows at a time so that at most ``DENSE_CHUNK_ELEMENTS`` numbers of it exist at once.
 
