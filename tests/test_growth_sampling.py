@@ -135,3 +135,24 @@ def test_is_member_large_queries(offset):
     assert torch.equal(policies.is_member(shuffled, query, assume_sorted=False), got)
     small = policies.is_member(shuffled[:50], query[:50], assume_sorted=False)  # the binary-search path
     assert torch.equal(small, torch.isin(query[:50], shuffled[:50]))
+
+
+@pytest.mark.parametrize(
+    "set_size, query_size, span",
+    [(3_000, 2_000, 100_000), (3_000, 2_000, 10**9), (5, 1_500, 7_000), (40, 30, 1_000)],
+    ids=["table", "search-wide-range", "table-small-set", "search-small-query"],
+)
+def test_is_member_mid_size_queries(set_size, query_size, span):
+    # the table answers queries whose range is within a few dozen times their size; the rest are searched
+    gen = torch.Generator().manual_seed(set_size + query_size)
+    members = torch.randint(0, span, (set_size,), generator=gen).unique()
+    query = torch.cat(
+        [
+            members[torch.randint(0, members.numel(), (query_size // 2,), generator=gen)],
+            torch.randint(0, span, (query_size - query_size // 2,), generator=gen),
+        ]
+    ).view(-1, 2)
+    expected = torch.isin(query, members)
+    assert torch.equal(policies.is_member(members, query), expected)
+    shuffled = members[torch.randperm(members.numel(), generator=gen)]
+    assert torch.equal(policies.is_member(shuffled, query, assume_sorted=False), expected)

@@ -13,32 +13,41 @@ import torch
 from ..kernels import topk_outer_product
 from ..kernels.sddmm import mm_float32
 
-# is_member answers large queries of non-negative positions through a bool table of this many entries at most.
+# is_member answers queries of non-negative positions through a bool table of this many entries at most, when the
+# query has at least _MEMBER_TABLE_MIN_QUERY entries and the table is at most _MEMBER_TABLE_SPAN times the set and
+# query together (one write per set entry and one read per query beat sorting and binary searches there); large
+# queries otherwise are sorted before their binary searches.
 _MEMBER_TABLE_LIMIT = 1 << 28
+_MEMBER_TABLE_MIN_QUERY = 1 << 10
+_MEMBER_TABLE_SPAN = 64
 _MEMBER_LARGE_QUERY = 1 << 16
 
 
 def is_member(sorted_set: torch.Tensor, query: torch.Tensor, assume_sorted: bool = True) -> torch.Tensor:
     """Boolean mask: which entries of ``query`` occur in the sorted 1-D tensor ``sorted_set``.
 
-    Large queries of non-negative integers (positions) are looked up in a bool table indexed by value when the
-    largest value is below ``_MEMBER_TABLE_LIMIT`` (one write per set entry, one read per query, no binary
-    searches); other queries by binary search, sorted first when large (the searches then walk the set forwards).
+    Queries of non-negative integers (positions) of at least ``_MEMBER_TABLE_MIN_QUERY`` entries are looked up in a
+    bool table indexed by value when the largest value is below ``_MEMBER_TABLE_LIMIT`` and at most
+    ``_MEMBER_TABLE_SPAN`` times the set and query sizes together (one write per set entry, one read per query, no
+    binary searches); other queries by binary search, sorted first when large (the searches then walk the set
+    forwards).
     With ``assume_sorted=False`` the set may be in any order: it is sorted only if the binary search needs it.
     """
     if sorted_set.numel() == 0 or query.numel() == 0:
         return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
-    large = query.numel() >= _MEMBER_LARGE_QUERY and not query.is_floating_point()
-    if large:
+    if query.numel() >= _MEMBER_TABLE_MIN_QUERY and not query.is_floating_point():
         if assume_sorted:
             set_low, set_high = int(sorted_set[0]), int(sorted_set[-1])
         else:
-            set_low, set_high = int(sorted_set.min()), int(sorted_set.max())
-        low, high = min(int(query.min()), set_low), max(int(query.max()), set_high)
-        if low >= 0 and high < _MEMBER_TABLE_LIMIT:
+            set_low, set_high = (int(v) for v in sorted_set.aminmax())
+        query_low, query_high = (int(v) for v in query.aminmax())
+        low, high = min(query_low, set_low), max(query_high, set_high)
+        span = _MEMBER_TABLE_SPAN * (sorted_set.numel() + query.numel())
+        if low >= 0 and high < min(_MEMBER_TABLE_LIMIT, span):
             table = torch.zeros(high + 1, dtype=torch.bool, device=query.device)
-            table[sorted_set.long()] = True
-            return table[query.long()]
+            table.index_fill_(0, sorted_set.reshape(-1).long(), True)
+            return table.index_select(0, query.reshape(-1).long()).view(query.shape)
+    large = query.numel() >= _MEMBER_LARGE_QUERY and not query.is_floating_point()
     if not assume_sorted:
         sorted_set = torch.sort(sorted_set).values
     if large:
