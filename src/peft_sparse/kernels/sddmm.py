@@ -268,9 +268,8 @@ def sddmm_csr(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: in
     """
     check_sddmm_args(a, b, indices, ncols)
     k = indices.numel()
-    out = torch.zeros(k, dtype=torch.float32, device=a.device)
     if k == 0 or a.shape[0] == 0:
-        return out
+        return torch.zeros(k, dtype=torch.float32, device=a.device)
     order = sorted_positions(indices, a.shape[1], ncols)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta", "invariant checks off"
@@ -281,7 +280,8 @@ def sddmm_csr(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: in
         sampled = torch.sparse.sampled_addmm(
             pattern, token_major_operand(a, role="a"), token_major_operand(b, role="b").t(), beta=0.0
         )
-    return out.index_copy_(0, order.perm, sampled.values())
+    # every slot is written: perm is a permutation of them
+    return torch.empty(k, dtype=torch.float32, device=a.device).index_copy_(0, order.perm, sampled.values())
 
 
 def mm_float32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

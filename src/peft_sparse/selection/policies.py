@@ -45,7 +45,7 @@ def is_member(sorted_set: torch.Tensor, query: torch.Tensor, assume_sorted: bool
         span = _MEMBER_TABLE_SPAN * (sorted_set.numel() + query.numel())
         if low >= 0 and high < min(_MEMBER_TABLE_LIMIT, span):
             table = torch.zeros(high + 1, dtype=torch.bool, device=query.device)
-            table.index_fill_(0, sorted_set.reshape(-1).long(), True)
+            table.index_fill_(0, sorted_set.long(), True)
             return table.index_select(0, query.reshape(-1).long()).view(query.shape)
     large = query.numel() >= _MEMBER_LARGE_QUERY and not query.is_floating_point()
     if not assume_sorted:
@@ -143,20 +143,20 @@ def top_gradient_candidates(
             # the block's own k largest all pass, so its k-th largest, and the pool's, is at or above the cut
             kept = _cut_for_largest(magnitude, k)
         positions.append(kept + start * cols)
-        grads.append(flat[kept].float())
-        magnitudes.append(magnitude[kept])
+        grads.append(flat.index_select(0, kept))  # float32 already (mm_float32)
+        magnitudes.append(magnitude.index_select(0, kept))
         pooled += kept.numel()
         del block, flat, magnitude
         if pooled >= k and (threshold is None or pooled > 2 * k):
             positions, grads, magnitudes = [torch.cat(parts) for parts in (positions, grads, magnitudes)]
             threshold = torch.kthvalue(magnitudes, pooled - k + 1).values
             kept = torch.nonzero(magnitudes >= threshold).flatten()
-            positions, grads, magnitudes = [positions[kept]], [grads[kept]], [magnitudes[kept]]
+            positions, grads, magnitudes = [[part.index_select(0, kept)] for part in (positions, grads, magnitudes)]
             pooled = kept.numel()
     positions, grads, magnitudes = [torch.cat(parts) for parts in (positions, grads, magnitudes)]
     if pooled > k:
         top = torch.topk(magnitudes, k, sorted=False).indices
-        positions, grads = positions[top], grads[top]
+        positions, grads = positions.index_select(0, top), grads.index_select(0, top)
     return positions, grads
 
 
