@@ -496,6 +496,32 @@ def test_phases_iterator_runs_n_iterations_and_accumulates_the_mask(tmp_path):
         peft_sparse.ltsft.start_dense_phase(model)
 
 
+def test_dense_phase_after_a_forward_without_backward_starts_from_theta0_plus_phi():
+    # a sparse-phase forward with gradients leaves its deltas merged in the base weights for the backward; starting
+    # the next dense phase must see the base weights, not W + delta, and add phi exactly once
+    model = get_peft_model(tiny_llama(), LTSFTConfig(density=0.05, selection_scope="per_tensor", n_iterations=2))
+    peft_sparse.ltsft.select_and_rewind(model, verbose=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer, kind in targeted(model):
+            values = layer.deltas_of("default")[kind][1]
+            values.copy_(torch.randn(values.shape, generator=gen))
+    base = {(name, kind): layer.base_tensor(kind).detach().clone() for name, layer, kind in targeted(model)}
+    model.train()
+    out = model(input_ids=token_batch()).logits  # kept alive, no backward
+    assert any(not torch.equal(layer.base_tensor(kind), base[name, kind]) for name, layer, kind in targeted(model))
+    peft_sparse.ltsft.start_dense_phase(model)
+    for name, layer, kind in targeted(model):
+        assert torch.equal(layer.theta0("default", kind), base[name, kind]), (name, kind)
+        expected = base[name, kind].clone().reshape(-1)
+        indices, values = layer.deltas_of("default")[kind]
+        expected[indices.long()] += values.detach()
+        assert torch.equal(layer.base_tensor(kind).detach().reshape(-1), expected), (name, kind)
+    del out
+    for name, layer, kind in targeted(model):  # freeing the graph later changes nothing
+        assert torch.equal(layer.theta0("default", kind), base[name, kind]), (name, kind)
+
+
 # --------------------------------------------------------------------------------------------- saving, merging
 @pytest.mark.parametrize("builder", ["gpt2", "bert"])
 def test_save_load_merge_unmerge(tmp_path, builder):

@@ -130,9 +130,11 @@ def test_layer_forward_and_gradients_match_dense_reference(case):
         in_features = base.weight.shape[0] if isinstance(base, Conv1D) else base.weight.shape[1]
 
         x = torch.randn(2, 3, in_features, requires_grad=True)
-        y = layer(x)
+        # the reference first: between the layer's forward and backward W holds W + delta (sparse_linear's hold)
         x_ref = x.detach().clone().requires_grad_(True)
         y_ref = reference_linear(x_ref, base, delta)
+        original = base.weight.detach().clone()
+        y = layer(x)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
         dy = torch.randn_like(y)
@@ -145,6 +147,7 @@ def test_layer_forward_and_gradients_match_dense_reference(case):
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
         for param in base.parameters():  # weight and bias are frozen
             assert param.grad is None and not param.requires_grad
+        assert torch.equal(base.weight, original)  # the backward undid the merge bit for bit
 
 
 def test_two_active_overlapping_adapters_forward_and_gradients():
@@ -424,6 +427,53 @@ def test_merge_and_unload_unload_and_disable_adapter():
     assert_no_tuner_layers(unloaded)
     assert_state_equal(unloaded, state)
     assert torch.equal(logits(unloaded, tokens), base_out)
+
+
+def _value_grads(peft_model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_base_weights_read_between_forward_and_backward_through_the_model_are_unmerged():
+    # a forward with gradients leaves its delta merged in W for the backward (sparse_linear's hold); what the model
+    # offers that reads W alone undoes it first, and the backward stays exact
+    base = tiny_llama()
+    state = snapshot(base)
+    tokens = token_batch()
+    base_out = logits(base, tokens)
+    peft_model = get_peft_model(base, llama_config()).train()
+    peft_model(tokens).logits.sum().backward()
+    expected_grads = _value_grads(peft_model)
+    held_name = "model.layers.1.mlp.down_proj"
+    held = peft_model.base_model.model.get_submodule(held_name).base_layer.weight
+
+    def base_weights():
+        tensors = {n.replace(".base_layer", ""): t for n, t in peft_model.base_model.model.state_dict().items()}
+        return {name: t for name, t in tensors.items() if name in state}
+
+    for read in ("disable_adapter", "state_dict"):
+        peft_model.zero_grad()
+        out = peft_model(tokens).logits
+        assert not torch.equal(held, state[f"{held_name}.weight"])  # held for the backward
+        if read == "disable_adapter":
+            with peft_model.disable_adapter():
+                assert torch.equal(logits(peft_model, tokens), base_out)
+        else:
+            assert all(torch.equal(t, state[name]) for name, t in base_weights().items())
+        assert torch.equal(held, state[f"{held_name}.weight"])
+        out.sum().backward()
+        for name, grad in _value_grads(peft_model).items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(t, state[name]) for name, t in base_weights().items())
+
+    # a forward whose graph stays alive without a backward, then merge_and_unload: the delta is added once
+    out = peft_model(tokens).logits
+    deltas = deltas_by_module(peft_model, "default")
+    merged = peft_model.merge_and_unload()
+    for name, (indices, values) in deltas.items():
+        weight = merged.get_submodule(name).weight
+        expected = state[f"{name}.weight"] + dense_delta(indices, values, weight.shape)
+        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-7)
+    del out
 
 
 def test_bf16_merge_and_unload_equals_unmerged_adapter_bit_for_bit():

@@ -19,7 +19,7 @@ from peft_sparse.kernels import (
     topk_outer_product_threshold,
 )
 from peft_sparse.kernels.positions import build_sorted_positions, rows_and_cols
-from peft_sparse.sparse_linear import merged_weight, sparse_delta_linear
+from peft_sparse.sparse_linear import merge_mode, merged_weight, release_held_merges, sparse_delta_linear
 from peft_sparse.tuners.base_weight import DenseBaseWeight
 
 sddmm_module = importlib.import_module("peft_sparse.kernels.sddmm")  # the package exports a function of that name
@@ -252,6 +252,161 @@ def test_sparse_delta_linear_gradients_match_dense_reference(transposed):
     torch.testing.assert_close(values.grad.double(), dense_values.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
     assert torch.equal(layer.weight, original)
+
+
+# ------------------------------------------------------------------------------------------------- held merge
+def _hold_case(seed=30, rows=7, cols=13, k=25):
+    gen = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(cols, rows).requires_grad_(False)
+    original = layer.weight.detach().clone()
+    idx = _indices(rows * cols, k, seed=seed + 1)
+    values = torch.randn(k, generator=gen).requires_grad_(True)
+    x = torch.randn(2, 4, cols, generator=gen).requires_grad_(True)
+    merged = original.clone().view(-1)
+    merged[idx] = merged[idx] + values.detach()
+    return layer, original, idx, values, x, merged.view(rows, cols)
+
+
+def _dense_grads(x, weight, bias, values_idx, grad_out, uses=1):
+    """Gradients of ``sum(uses copies of x @ W_eff.T + b)`` in float64 by autograd through the dense weight."""
+    x64 = x.detach().double().requires_grad_(True)
+    dense_values = torch.zeros(values_idx[1].numel(), dtype=torch.float64, requires_grad=True)
+    w = weight.double().clone().view(-1).index_add(0, values_idx[0], dense_values + values_idx[1].double())
+    out = sum(x64 @ w.view(weight.shape).T + bias.double() for _ in range(uses))
+    out.backward(grad_out.double())
+    return out, x64.grad, dense_values.grad
+
+
+def test_forward_holds_the_merge_until_its_backward_undoes_it():
+    layer, original, idx, values, x, merged = _hold_case()
+    out = sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values)
+    assert torch.equal(layer.weight, merged)  # held for the backward's product
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(31))
+    out.backward(grad_out)
+    assert torch.equal(layer.weight, original)  # undone bit for bit
+    ref, x_grad, values_grad = _dense_grads(x, original, layer.bias, (idx, values.detach()), grad_out)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad.double(), values_grad, rtol=1e-5, atol=1e-5)
+    assert release_held_merges() == 0
+
+
+def test_held_merge_is_undone_when_the_graph_goes_without_a_backward():
+    layer, original, idx, values, x, merged = _hold_case()
+    out = sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values)
+    assert torch.equal(layer.weight, merged)
+    del out
+    assert torch.equal(layer.weight, original)
+    out = sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values)
+    assert release_held_merges() == 1 and torch.equal(layer.weight, original)
+    out.sum().backward()  # merges again for its own product, as without a hold
+    ref, x_grad, _ = _dense_grads(x, original, layer.bias, (idx, values.detach()), torch.ones(out.shape))
+    torch.testing.assert_close(x.grad.double(), x_grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.weight, original)
+
+
+@pytest.mark.parametrize("case", ["no_grad", "input_without_grad", "product_mode", "copy_mode"])
+def test_no_hold_when_no_backward_product_follows_or_when_disabled(case, monkeypatch):
+    layer, original, idx, values, x, _ = _hold_case()
+    if case == "input_without_grad":
+        x = x.detach()
+    if case in ("product_mode", "copy_mode"):
+        monkeypatch.setenv("PEFT_SPARSE_INPLACE_MERGE", "product" if case == "product_mode" else "0")
+    with torch.set_grad_enabled(case != "no_grad"):
+        out = sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values)
+    assert torch.equal(layer.weight, original)
+    if out.requires_grad:
+        out.sum().backward()
+        _, x_grad, values_grad = _dense_grads(x, original, layer.bias, (idx, values.detach()), torch.ones(out.shape))
+        torch.testing.assert_close(values.grad.double(), values_grad, rtol=1e-5, atol=1e-5)
+        if x.requires_grad:
+            torch.testing.assert_close(x.grad.double(), x_grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.weight, original)
+
+
+def test_merge_mode_names_the_variable_on_a_bad_value(monkeypatch):
+    assert merge_mode() == "hold"
+    for value, mode in (("1", "hold"), ("product", "product"), ("0", "copy"), ("copy", "copy")):
+        monkeypatch.setenv("PEFT_SPARSE_INPLACE_MERGE", value)
+        assert merge_mode() == mode
+    monkeypatch.setenv("PEFT_SPARSE_INPLACE_MERGE", "sometimes")
+    with pytest.raises(ValueError, match="PEFT_SPARSE_INPLACE_MERGE.*'sometimes'"):
+        merge_mode()
+
+
+def test_backward_merges_again_when_w_was_gathered_again():
+    # a sharding engine frees W after the forward and gathers it (unmerged) again for the backward
+    layer, original, idx, values, x, _ = _hold_case()
+    out = sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values)
+    layer.weight.data.copy_(original)
+    out.sum().backward()
+    _, x_grad, values_grad = _dense_grads(x, original, layer.bias, (idx, values.detach()), torch.ones(out.shape))
+    torch.testing.assert_close(x.grad.double(), x_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad.double(), values_grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.weight, original)
+
+
+def test_a_freed_weight_storage_is_not_touched_and_the_backward_merges_again():
+    # FSDP2 frees a resharded weight's storage (0 bytes, same shape) and re-allocates it for the backward
+    layer, original, idx, values, x, _ = _hold_case()
+    storage = layer.weight.untyped_storage()
+    nbytes = storage.nbytes()
+    outs = []
+    for release_while_freed in (True, False):
+        outs.append(sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values))
+        storage.resize_(0)
+        if release_while_freed:
+            assert release_held_merges() == 1  # forgotten without reading or writing the freed memory
+        storage.resize_(nbytes)
+        layer.weight.data.copy_(original)  # gathered again, unmerged
+    (outs[0].sum() + outs[1].sum()).backward()
+    ones = torch.ones(outs[0].shape)
+    _, x_grad, values_grad = _dense_grads(x, original, layer.bias, (idx, values.detach()), ones, 2)
+    torch.testing.assert_close(x.grad.double(), x_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad.double(), values_grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.weight, original)
+
+
+def test_forwards_of_one_layer_share_the_hold_and_a_retained_graph_merges_again():
+    layer, original, idx, values, x, merged = _hold_case()
+    access = DenseBaseWeight(layer)
+    out = sum(sparse_delta_linear(x, access, layer.bias, idx, values) for _ in range(2))
+    assert torch.equal(layer.weight, merged)  # merged once, not twice
+    out.sum().backward(retain_graph=True)
+    assert torch.equal(layer.weight, original)
+    out.sum().backward()  # the second backward merges for its products again
+    assert torch.equal(layer.weight, original)
+    _, x_grad, values_grad = _dense_grads(x, original, layer.bias, (idx, values.detach()), torch.ones(out.shape), 2)
+    torch.testing.assert_close(x.grad.double(), 2 * x_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad.double(), 2 * values_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_another_delta_on_the_weight_takes_over_the_hold():
+    layer, original, idx, values, x, _ = _hold_case()
+    other_idx = _indices(91, 10, seed=40)
+    other_values = torch.randn(10, generator=torch.Generator().manual_seed(41)).requires_grad_(True)
+    access = DenseBaseWeight(layer)
+    out_a = sparse_delta_linear(x, access, layer.bias, idx, values)
+    out_b = sparse_delta_linear(x, access, layer.bias, other_idx, other_values)  # undoes a's hold, holds b's
+    expected_b = original.clone().view(-1)
+    expected_b[other_idx] += other_values.detach()
+    assert torch.equal(layer.weight.view(-1), expected_b)
+    (out_a.sum() + out_b.sum()).backward()
+    assert torch.equal(layer.weight, original)
+    ones = torch.ones(out_a.shape)
+    _, x_grad_a, values_grad_a = _dense_grads(x, original, layer.bias, (idx, values.detach()), ones)
+    _, x_grad_b, values_grad_b = _dense_grads(x, original, layer.bias, (other_idx, other_values.detach()), ones)
+    torch.testing.assert_close(x.grad.double(), x_grad_a + x_grad_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad.double(), values_grad_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other_values.grad.double(), values_grad_b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_forward_product_leaves_nothing_held():
+    layer, original, idx, values, _, _ = _hold_case()
+    x = torch.randn(2, 5, requires_grad=True)  # wrong feature count: the product raises
+    with pytest.raises(RuntimeError):
+        sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values)
+    assert torch.equal(layer.weight, original) and release_held_merges() == 0
 
 
 # ------------------------------------------------------------------------------------------------- top-k (SpIEL-MA)

@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..delta import check_delta, index_dtype_for, to_dense
-from ..sparse_linear import GradientObserver, sparse_delta_linear
+from ..sparse_linear import GradientObserver, release_held_merge, sparse_delta_linear
 from ..training.registry import register_layer
 from .base_weight import base_weight_for
 
@@ -55,6 +55,14 @@ DELTA_VALUES = _TensorIdentitySet()
 def mark_delta_values(values: torch.Tensor) -> None:
     """Remember ``values`` as the values of a sparse delta (see ``DELTA_VALUES``)."""
     DELTA_VALUES.add(values)
+
+
+def _release_before_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    module.release_held_merge()
+
+
+def _release_before_load(module: nn.Module, *args: Any) -> None:
+    module.release_held_merge()
 
 
 def supported_weight(module: nn.Module) -> bool:
@@ -94,6 +102,13 @@ class SparseDeltaLayer(BaseTunerLayer):
         # adapters whose values took part in a forward with gradients since their last counted optimizer update
         self._awaiting_update: set[str] = set()
         register_layer(self)
+        # a delta held merged in W for a backward is undone before W is saved or loaded
+        self.register_state_dict_pre_hook(_release_before_state_dict)
+        self.register_load_state_dict_pre_hook(_release_before_load)
+
+    def release_held_merge(self) -> None:
+        """Undo a delta that a forward of this layer left merged in the base weight for its backward, if any."""
+        release_held_merge(getattr(self.get_base_layer(), "weight", None))
 
     supported_types = "torch.nn.Linear and transformers' Conv1D"
 
@@ -251,16 +266,22 @@ class SparseDeltaLayer(BaseTunerLayer):
         """A callback that wants the dense weight gradient in this backward, or None (subclasses override)."""
         return None
 
+    def base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer alone, after undoing a delta that a forward left merged in its weight for the backward
+        (``peft_sparse.sparse_linear``)."""
+        release_held_merge(getattr(self.get_base_layer(), "weight", None))
+        return self.base_layer(x, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
         deltas = list(self.active_deltas())
         if not deltas:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
         for adapter, _, values in deltas:
             self._note_forward(adapter, values)
             mark_delta_values(values)
@@ -292,6 +313,7 @@ class SparseDeltaLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the deltas into the base weight; what they overwrite is kept so ``unmerge`` is bit-exact."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        self.release_held_merge()
         access = self.base_weight_access
         for adapter in adapter_names:
             if adapter not in self.sparse_values:

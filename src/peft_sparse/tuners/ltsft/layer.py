@@ -139,6 +139,7 @@ class LTSFTLayer(SparseDeltaLayer):
         """Keep one copy of the current weight (and bias, if selectable) as theta0, then add the adapter's deltas from
         earlier iterations into them; the base tensors become trainable, the deltas frozen and unused."""
         config = self.sparse_config[adapter_name]
+        self.release_held_merge()
         theta0 = {}
         kinds = ("weight", "bias") if (config.include_biases and self.base_bias is not None) else ("weight",)
         deltas = self.deltas_of(adapter_name)
@@ -186,9 +187,9 @@ class LTSFTLayer(SparseDeltaLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
         if self.merged or any(self.ltsft_phase.get(a) == DENSE for a in self.active_adapters):
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
         weight_deltas, bias_deltas, present = [], [], []
         for adapter in self.active_adapters:
             if adapter not in self.sparse_values:
@@ -199,7 +200,7 @@ class LTSFTLayer(SparseDeltaLayer):
                     mark_delta_values(values)
                     (weight_deltas if kind == "weight" else bias_deltas).append((indices, values))
         if not weight_deltas and not bias_deltas:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
         base = self.get_base_layer()
         if self.is_embedding:
             return self._embedding(x, base, weight_deltas)
@@ -208,6 +209,7 @@ class LTSFTLayer(SparseDeltaLayer):
             indices, values = _concat(bias_deltas)
             bias = bias.index_add(0, indices.long(), values.to(bias.dtype))
         if not weight_deltas:
+            self.release_held_merge()
             weight = base.weight.t() if self.transposed else base.weight
             return F.linear(x, weight, bias)
         indices, values = _concat(weight_deltas)
@@ -228,6 +230,7 @@ class LTSFTLayer(SparseDeltaLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the deltas into the base weight and bias; the original entries are kept so ``unmerge`` is bit-exact."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        self.release_held_merge()
         for adapter in adapter_names:
             if adapter not in self.sparse_values:
                 continue
