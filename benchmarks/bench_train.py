@@ -78,6 +78,14 @@ ALL_METHODS = (
     "qspiel-ma",
 )
 GPU_ONLY_METHODS = ("qlora", "qspiel-ag", "qspiel-ma")
+# --interleave-steps also takes METHOD@MODE: a SpIEL method whose updates run with PEFT_SPARSE_INPLACE_MERGE=MODE
+MERGE_ENV_VAR = "PEFT_SPARSE_INPLACE_MERGE"
+MERGE_MODES = ("hold", "product", "0")
+
+
+def base_method(method: str) -> str:
+    """``spiel-ma`` for ``spiel-ma@product``: the method without its merge mode."""
+    return method.partition("@")[0]
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The corpus is cut at a paragraph boundary: the first PRETRAIN_FRACTION pre-trains the base densely; of the
 # paragraphs after it, every HELD_OUT_EVERY-th is held out and the rest is the fine-tuning data (same topics).
@@ -281,7 +289,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
     parser.add_argument("--out", type=Path, default=None, help="output folder (required)")
-    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {','.join(ALL_METHODS)}; with --interleave-steps also SpIEL methods as "
+        f"METHOD@MODE, whose updates run with {MERGE_ENV_VAR}=MODE ({', '.join(MERGE_MODES)})",
+    )
     parser.add_argument("--gradient-checkpointing", choices=("both", "on", "off"), default="both")
     parser.add_argument("--steps", type=int, default=None, help="optimizer updates per run (LT-SFT: per phase)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="first updates left out of the timing")
@@ -327,9 +340,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     methods = ALL_METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.methods is None and preset.device == "cpu":
         methods = tuple(m for m in ALL_METHODS if m not in GPU_ONLY_METHODS)
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    unknown = [m for m in methods if base_method(m) not in ALL_METHODS]
     if unknown or not methods:
         parser.error(f"--methods must be a comma-separated subset of {','.join(ALL_METHODS)}, got {args.methods!r}")
+    for method in methods:
+        mode = method.partition("@")[2]
+        if "@" in method and (not args.interleave_steps or not method.startswith("spiel") or mode not in MERGE_MODES):
+            parser.error(
+                f"--methods {method!r}: METHOD@MODE (a SpIEL method with {MERGE_ENV_VAR}=MODE for its updates, "
+                f"MODE in {'|'.join(MERGE_MODES)}) needs --interleave-steps"
+            )
     if preset.device == "cpu" and any(m in GPU_ONLY_METHODS for m in methods):
         parser.error(f"--methods {','.join(m for m in methods if m in GPU_ONLY_METHODS)} need CUDA (preset gpu-1b)")
     args.methods = methods
@@ -1008,8 +1028,8 @@ def run_interleaved(args: argparse.Namespace, settings: dict) -> int:
     state = {}
     for method in methods:
         job = dict(
-            settings, method=method, preset=args.preset, gradient_checkpointing=gc, lr=settings["lrs"][method],
-            base_dir=str(args.base_dir), seed=args.seed,
+            settings, method=base_method(method), preset=args.preset, gradient_checkpointing=gc,
+            lr=settings["lrs"][base_method(method)], base_dir=str(args.base_dir), seed=args.seed,
         )
         torch.manual_seed(args.seed)
         model, make_optimizer = wrap_model(load_model(job), job)
@@ -1021,12 +1041,21 @@ def run_interleaved(args: argparse.Namespace, settings: dict) -> int:
     # CPU: also the process's CPU time per update, which other processes on a shared machine hardly change
     cpu_times: dict[str, list[float]] = {m: [] for m in methods}
     sync = torch.cuda.synchronize if settings["device"] == "cuda" else (lambda: None)
+    default_merge_mode = os.environ.get(MERGE_ENV_VAR)
+
+    def set_merge_mode(mode):
+        if mode is None:
+            os.environ.pop(MERGE_ENV_VAR, None)
+        else:
+            os.environ[MERGE_ENV_VAR] = mode
+
     loads = []
     started = time.perf_counter()
     for step, ids in enumerate(batches):
         order = methods[step % len(methods):] + methods[: step % len(methods)]
         for method in order:
             model, optimizer, scheduler, params = state[method]
+            set_merge_mode(method.partition("@")[2] or default_merge_mode)
             ids = ids.to(settings["device"])
             sync()
             began, began_cpu = time.perf_counter(), time.process_time()
@@ -1039,6 +1068,7 @@ def run_interleaved(args: argparse.Namespace, settings: dict) -> int:
             sync()
             times[method].append(time.perf_counter() - began)
             cpu_times[method].append(time.process_time() - began_cpu)
+        set_merge_mode(default_merge_mode)
         loads.append(load_average())
         print(
             f"[{time.perf_counter() - started:6.1f} s] round {step + 1}/{len(batches)}: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,39 @@ def test_delta_structure_matches_a_dense_mask() -> None:
     # up_proj's entries fill its first rows completely: few rows, every column
     assert min(rows) < 0.5 and max(cols) == 1.0
     assert bench.delta_structure(tiny_llama(num_hidden_layers=1)) is None
+
+
+@pytest.mark.parametrize("mode,holds", [("product", False), ("hold", True)])
+def test_interleaved_run_applies_a_method_merge_mode(tmp_path: Path, monkeypatch, mode, holds) -> None:
+    import peft_sparse.sparse_linear as sparse_linear
+
+    monkeypatch.delenv("PEFT_SPARSE_INPLACE_MERGE", raising=False)
+    bench = load_script()
+    calls = []
+    hold_merged = sparse_linear._hold_merged
+
+    def counting(*args):
+        calls.append(sparse_linear.merge_mode())
+        return hold_merged(*args)
+
+    monkeypatch.setattr(sparse_linear, "_hold_merged", counting)
+    argv = ["--preset", "cpu-tiny", "--methods", f"lora,spiel-ma@{mode}", "--steps", "3", "--warmup-steps", "1"]
+    argv += ["--pretrain-steps", "0", "--gradient-checkpointing", "off", "--interleave-steps", "--out", str(tmp_path)]
+    assert bench.main(argv + ["--base-dir", str(tmp_path / "base")]) == 0
+    assert bool(calls) == holds and set(calls) <= {"hold"}
+    result = json.loads((tmp_path / "interleaved.json").read_text())
+    assert list(result["methods"]) == ["lora", f"spiel-ma@{mode}"]
+    assert len(result["methods"][f"spiel-ma@{mode}"]["cpu_times_s"]) == 3
+    assert "PEFT_SPARSE_INPLACE_MERGE" not in os.environ  # restored after the run
+
+
+def test_merge_mode_variants_need_an_interleaved_spiel_run(tmp_path: Path) -> None:
+    bench = load_script()
+    out = ["--preset", "cpu-tiny", "--out", str(tmp_path)]
+    for methods, extra in (("lora,spiel-ma@product", []), ("lora@hold", ["--interleave-steps"])):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--methods", methods, *extra, *out])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "lora,spiel-ag@sometimes", "--interleave-steps", *out])
+    args = bench.parse_args(["--methods", "lora,spiel-ag@0", "--interleave-steps", *out])
+    assert args.methods == ("lora", "spiel-ag@0")

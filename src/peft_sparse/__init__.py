@@ -9,6 +9,7 @@ from . import interop
 from ._registration import register_method
 from .compose import compose_adapters, sparsify
 from .optim import SM3
+from .sparse_linear import release_held_merges
 from .training import install as _install_training_hooks
 from .training import set_total_steps
 from .training.precision import install as _install_precision_checks
@@ -36,6 +37,7 @@ __all__ = [
     "compose_adapters",
     "interop",
     "ltsft",
+    "release_held_merges",
     "set_total_steps",
     "sparse_deltas",
     "sparsify",
