@@ -33,6 +33,10 @@ peak memory of the whole run), and on the GPU qlora, qspiel-ag, qspiel-ma (bitsa
 compute, ``prepare_model_for_kbit_training``). SpIEL budgets use ``match_lora_rank=r`` over LoRA's target modules and
 LT-SFT's ``num_tunable_weights`` is LoRA's parameter count, so all sparse methods train as many values as LoRA.
 
+``--interleave-steps`` (all methods in one process, one update of each in turn) also takes SpIEL methods as
+``METHOD@MODE``, whose updates run with ``PEFT_SPARSE_INPLACE_MERGE=MODE`` (``hold``, ``product`` or ``0``), to compare
+how ``W + delta`` is formed round by round (``benchmarks/results/cpu-hotpath-merge``).
+
 Writes ``DIR/results.json`` (one record per method and setting), ``DIR/meta.json`` (settings, machine, date),
 ``DIR/results.md`` (the table with ratios to LoRA at the same checkpointing setting, the learning rates, the targets,
 the top ops of one profiled update, and ``DIR/notes.md`` when present) and ``DIR/results.png`` (time and memory bars,
@@ -1131,6 +1135,8 @@ def interleaved_markdown(result: dict) -> str:
         "whole-run ratio (wall / CPU) | target (on CPU time) |",
         "|---|---|---|---|---|---|",
     ]
+    warm = result["warmup_rounds"]
+    variants = [m for m in result["methods"] if "@" in m and base_method(m) in result["methods"]]
     for method, r in result["methods"].items():
         target = targets.get(method)
         verdict_text = "-"
@@ -1142,6 +1148,24 @@ def interleaved_markdown(result: dict) -> str:
             f"{r['ratio_median']:.3f} / {r['cpu_ratio_median']:.3f} | {r['ratio_of_sums']:.3f} / "
             f"{r['cpu_ratio_of_sums']:.3f} | {verdict_text} |"
         )
+    if variants:
+        lines += [
+            "",
+            f"`METHOD@MODE`: METHOD with `{MERGE_ENV_VAR}=MODE` for its updates; without `@`, the library's default. "
+            "Paired per round (same batch, seconds apart), CPU time:",
+            "",
+            "| variant | against | median of (variant - default) per round (ms) | rounds the default was faster |",
+            "|---|---|---|---|",
+        ]
+        for variant in variants:
+            pairs = zip(result["methods"][variant]["cpu_times_s"][warm:], result["methods"][base_method(variant)]
+                        ["cpu_times_s"][warm:], strict=True)
+            differences = [a - b for a, b in pairs]
+            faster = sum(d > 0 for d in differences)
+            lines.append(
+                f"| {variant} | {base_method(variant)} | {statistics.median(differences) * 1e3:+.1f} | "
+                f"{faster} of {len(differences)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -1173,7 +1197,14 @@ def plot_interleaved(result: dict, path: Path) -> None:
 
 
 def write_report(out: Path) -> int:
-    """Write ``out``/results.md (with ``out``/notes.md appended when present) and results.png from the JSON files."""
+    """Write ``out``/results.md (with ``out``/notes.md appended when present) and results.png from the JSON files,
+    and ``out``/interleaved.md and .png from interleaved.json when there is one."""
+    if (out / "interleaved.json").exists():
+        result = json.loads((out / "interleaved.json").read_text())
+        (out / "interleaved.md").write_text(interleaved_markdown(result))
+        plot_interleaved(result, out / "interleaved.png")
+        if not (out / "results.json").exists():
+            return 0
     records = json.loads((out / "results.json").read_text())
     meta = json.loads((out / "meta.json").read_text())
     notes_path = out / NOTES_FILE

@@ -354,6 +354,8 @@ SOURCES: dict[str, Callable[[Path], str]] = {
     "quickstart": render_quickstart,
     "bench-train-cpu-tiny": render_bench_train_cpu_tiny,
     "bench-train-cpu-tiny-120": render_bench_train_cpu_tiny_120,
+    "bench-train-cpu-hotpath": markdown_file("benchmarks/results/cpu-hotpath/interleaved.md"),
+    "bench-train-cpu-hotpath-merge": markdown_file("benchmarks/results/cpu-hotpath-merge/interleaved.md"),
     "bench-formulations": render_bench_formulations,
     "bench-ltsft-selection": render_bench_ltsft_selection,
     "quality": render_quality,

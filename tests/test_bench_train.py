@@ -178,3 +178,25 @@ def test_merge_mode_variants_need_an_interleaved_spiel_run(tmp_path: Path) -> No
         bench.parse_args(["--methods", "lora,spiel-ag@sometimes", "--interleave-steps", *out])
     args = bench.parse_args(["--methods", "lora,spiel-ag@0", "--interleave-steps", *out])
     assert args.methods == ("lora", "spiel-ag@0")
+
+
+def test_interleaved_table_pairs_a_merge_mode_variant_with_the_default() -> None:
+    bench = load_script()
+
+    def entry(cpu_times):
+        return {
+            "step_time_s_median": 1.0, "cpu_time_s_median": 1.0, "ratio_median": 1.0, "cpu_ratio_median": 1.0,
+            "ratio_of_sums": 1.0, "cpu_ratio_of_sums": 1.0, "cpu_times_s": cpu_times,
+        }
+
+    result = {
+        "preset": "cpu-hotpath", "date": "2026-11-30T00:00:00", "machine": "m", "command": "c",
+        "settings": {"threads": 1, "steps": 4}, "warmup_rounds": 1, "load_average_per_round": [],
+        "methods": {
+            "lora": entry([9.0, 1.0, 1.0, 1.0]),
+            "spiel-ma": entry([9.0, 1.000, 1.010, 1.020]),
+            "spiel-ma@product": entry([0.0, 1.004, 1.018, 1.015]),  # differences +4, +8, -5 ms
+        },
+    }
+    table = bench.interleaved_markdown(result)
+    assert "| spiel-ma@product | spiel-ma | +4.0 | 2 of 3 |" in table
