@@ -230,6 +230,7 @@ def merged_weight(
     """
     weight = _in_place_weight(base_weight, dtype)
     if weight is None:
+        release_held_merge(getattr(base_weight, "tensor", None))  # a copy starts from the unmerged W
         yield base_weight.with_delta(indices, values, dtype, backend)
         return
     with _HOLDS_LOCK:

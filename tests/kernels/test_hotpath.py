@@ -324,6 +324,18 @@ def test_no_hold_when_no_backward_product_follows_or_when_disabled(case, monkeyp
     assert torch.equal(layer.weight, original)
 
 
+def test_a_copy_of_w_plus_delta_starts_from_the_unmerged_weight(monkeypatch):
+    # a merge still held by a graph without a backward, then the copying mode (or another compute dtype)
+    layer, original, idx, values, x, _ = _hold_case()
+    held = sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values)
+    monkeypatch.setenv("PEFT_SPARSE_INPLACE_MERGE", "0")
+    out = sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values)
+    assert torch.equal(layer.weight, original)
+    ref, _, _ = _dense_grads(x, original, layer.bias, (idx, values.detach()), torch.ones(held.shape))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    del held
+
+
 def test_merge_mode_names_the_variable_on_a_bad_value(monkeypatch):
     assert merge_mode() == "hold"
     for value, mode in (("1", "hold"), ("product", "product"), ("0", "copy"), ("copy", "copy")):
