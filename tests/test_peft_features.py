@@ -465,7 +465,13 @@ def test_base_weights_read_between_forward_and_backward_through_the_model_are_un
             torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-6)
         assert all(torch.equal(t, state[name]) for name, t in base_weights().items())
 
-    # a forward whose graph stays alive without a backward, then merge_and_unload: the delta is added once
+    # a forward whose graph stays alive without a backward, then unload: the base weights come back unmerged
+    other = get_peft_model(tiny_llama(), llama_config()).train()
+    kept = other(tokens).logits
+    assert_state_equal(other.unload(), state)
+    del kept
+
+    # the same, then merge_and_unload: the delta is added once
     out = peft_model(tokens).logits
     deltas = deltas_by_module(peft_model, "default")
     merged = peft_model.merge_and_unload()

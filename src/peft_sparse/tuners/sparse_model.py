@@ -90,6 +90,8 @@ class SparseTunerModel(BaseTuner):
         # BaseTuner's version copies child.weight onto a new module without base_layer, which fails when unloading a
         # modules_to_save head that has no .weight (BertLMPredictionHead, RobertaClassificationHead). Our layers are
         # created on the base weight's device, so nothing else is needed (as in LoraModel).
+        if isinstance(child, SparseDeltaLayer):  # unloading: hand back the weight without a held merge in it
+            child.release_held_merge()
         setattr(parent, child_name, new_module)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
