@@ -10,8 +10,8 @@ the forward product is *held* until the backward has run its product with ``W + 
 an update merges and restores once instead of twice. The hold is checked before the backward uses it (the values and
 indices unchanged, and ``W`` still holding the merged entries, which a sharding engine that gathers ``W`` again for
 the backward does not) and is undone by that backward, when its autograd graph is freed, before the layer runs
-without its delta (adapters disabled, merging, unloading, ``state_dict``) or by ``release_held_merges``. Between a forward and
-its backward, code that reads ``W`` directly sees ``W + delta``.
+without its delta (adapters disabled, merging, unloading, ``state_dict``) or by ``release_held_merges``. Between a
+forward and its backward, code that reads ``W`` directly sees ``W + delta``.
 
 ``PEFT_SPARSE_INPLACE_MERGE`` chooses: ``hold`` (the default; ``1`` means the same), ``product`` (merge for each
 product and restore right after it, so ``W`` is unmerged whenever no product runs) or ``0`` (a fresh ``W + delta``
