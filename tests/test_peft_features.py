@@ -471,6 +471,20 @@ def test_base_weights_read_between_forward_and_backward_through_the_model_are_un
     assert_state_equal(other.unload(), state)
     del kept
 
+    # a forward kept without backward, then new base weights loaded: freeing that graph later must not write the old
+    # entries back over them
+    other = get_peft_model(tiny_llama(), llama_config()).train()
+    kept = other(tokens).logits
+    new_state = snapshot(tiny_llama(seed=1))
+    targeted = set(deltas_by_module(other, "default"))
+    remapped = {}
+    for key, value in new_state.items():
+        module = key.rsplit(".", 1)[0]
+        remapped[f"{module}.base_layer.weight" if module in targeted and key.endswith(".weight") else key] = value
+    other.base_model.model.load_state_dict(remapped, strict=False)
+    del kept
+    assert_state_equal(other.unload(), new_state)
+
     # the same, then merge_and_unload: the delta is added once
     out = peft_model(tokens).logits
     deltas = deltas_by_module(peft_model, "default")
