@@ -5,9 +5,10 @@
 
 For a dense base weight whose dtype is the compute dtype, ``W + delta`` is not a copy: the delta is added into ``W``
 in place, exactly as ``merge`` does (each sum rounded once), and the overwritten entries are written back bit for
-bit later, which costs O(K) instead of a copy of ``W``. When the forward's input needs a gradient, the merge made for
-the forward product is *held* until the backward has run its product with ``W + delta`` (``dx = dy @ W_eff``), so
-an update merges and restores once instead of twice. The hold is checked before the backward uses it (the values and
+bit later, which costs O(K) instead of a copy of ``W``. When the forward's input needs a gradient and the weight is
+on the CPU, the merge made for the forward product is *held* until the backward has run its product with
+``W + delta`` (``dx = dy @ W_eff``), so an update merges and restores once instead of twice (on a GPU, where the
+check below would read a result on the host once per layer, the merge is made per product). The hold is checked before the backward uses it (the values and
 indices unchanged, and ``W`` still holding the merged entries, which a sharding engine that gathers ``W`` again for
 the backward does not) and is undone by that backward, when its autograd graph is freed, before the layer runs
 without its delta (adapters disabled, merging, unloading, ``state_dict``) or by ``release_held_merges``. Between a
@@ -324,8 +325,10 @@ def sparse_delta_linear(
         bias = bias.to(compute_dtype)
     with torch.autocast(device_type=device_type, enabled=False):
         x_compute = x.to(compute_dtype)
-        # hold the forward's merge for the backward only when a backward product with W + delta will come
-        hold = torch.is_grad_enabled() and x_compute.requires_grad
+        # hold the forward's merge for the backward only when a backward product with W + delta will come, and only
+        # on the CPU: the backward's check of the hold reads a result on the host, which on a GPU would stall the
+        # queue once per layer, and there the merges are small next to the products
+        hold = torch.is_grad_enabled() and x_compute.requires_grad and x_compute.device.type == "cpu"
         out = _SparseDeltaLinear.apply(
             x_compute, bias, indices, values, base_weight, transposed, compute_dtype, observer, backend, hold
         )

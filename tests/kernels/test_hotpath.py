@@ -500,6 +500,12 @@ def test_cuda_merged_weight_and_growth_stay_on_the_device():
     with merged_weight(DenseBaseWeight(layer), idx, values, torch.bfloat16, "auto") as w:
         assert torch.equal(w.reshape(-1), expected)
     assert torch.equal(layer.weight, original)
+    # on a GPU the merge is made per product, never held (its check would read a result on the host)
+    x = torch.randn(4, 65, device=device, dtype=torch.bfloat16, requires_grad=True)
+    out = sparse_delta_linear(x, DenseBaseWeight(layer), None, idx, values.clone().requires_grad_(True))
+    assert torch.equal(layer.weight, original)
+    out.float().sum().backward()
+    assert torch.equal(layer.weight, original) and x.grad is not None
     from peft_sparse.selection import grow_random
 
     excluded = idx.long().sort().values
