@@ -3,16 +3,16 @@
 ``y = x @ (W + scatter(indices, values)).T + b``. The base weight ``W`` never gets a gradient; the values get
 ``grad[n] = sum_t dy[t, o_n] * x[t, i_n]`` through the SDDMM op (``kernels.dispatch.sddmm`` chooses how).
 
-For a dense base weight whose dtype is the compute dtype, ``W + delta`` is not a copy: the delta is added into ``W``
-in place, exactly as ``merge`` does (each sum rounded once), and the overwritten entries are written back bit for
-bit later, which costs O(K) instead of a copy of ``W``. When the forward's input needs a gradient and the weight is
-on the CPU, the merge made for the forward product is *held* until the backward has run its product with
-``W + delta`` (``dx = dy @ W_eff``), so an update merges and restores once instead of twice (on a GPU, where the
-check below would read a result on the host once per layer, the merge is made per product). The hold is checked before the backward uses it (the values and
-indices unchanged, and ``W`` still holding the merged entries, which a sharding engine that gathers ``W`` again for
-the backward does not) and is undone by that backward, when its autograd graph is freed, before the layer runs
-without its delta (adapters disabled, merging, unloading, ``state_dict``) or by ``release_held_merges``. Between a
-forward and its backward, code that reads ``W`` directly sees ``W + delta``.
+For a dense base weight whose dtype is the compute dtype, ``W + delta`` is not a copy: the delta is added into ``W`` in
+place, exactly as ``merge`` does (each sum rounded once), and the overwritten entries are written back bit for bit
+later, which costs O(K) instead of a copy of ``W``. When the forward's input needs a gradient and the weight is on the
+CPU, the merge made for the forward product is *held* until the backward has run its product with it
+(``dx = dy @ W_eff``), so an update merges and restores once instead of twice (on a GPU, where the check below would
+read a result on the host once per layer, the merge is made per product). The hold is checked before the backward
+uses it (the values and indices unchanged, and ``W`` still holding the merged entries, which a sharding engine that
+gathers ``W`` again for the backward does not) and is undone by that backward, when its autograd graph is freed,
+before the layer runs without its delta (adapters disabled, merging, unloading, ``state_dict``) or by
+``release_held_merges``. Between a forward and its backward, code that reads ``W`` directly sees ``W + delta``.
 
 ``PEFT_SPARSE_INPLACE_MERGE`` chooses: ``hold`` (the default; ``1`` means the same), ``product`` (merge for each
 product and restore right after it, so ``W`` is unmerged whenever no product runs) or ``0`` (a fresh ``W + delta``
