@@ -19,6 +19,7 @@ from peft_sparse.kernels import (
     topk_outer_product_threshold,
 )
 from peft_sparse.kernels.positions import build_sorted_positions, rows_and_cols
+from peft_sparse import sparse_linear
 from peft_sparse.sparse_linear import merge_mode, merged_weight, release_held_merges, sparse_delta_linear
 from peft_sparse.tuners.base_weight import DenseBaseWeight
 
@@ -334,6 +335,22 @@ def test_a_copy_of_w_plus_delta_starts_from_the_unmerged_weight(monkeypatch):
     ref, _, _ = _dense_grads(x, original, layer.bias, (idx, values.detach()), torch.ones(held.shape))
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     del held
+
+
+def test_a_hold_reuses_its_buffer_and_weights_sharing_positions_keep_their_own():
+    layer, original, idx, values, x, merged = _hold_case()
+    other = torch.nn.Linear(13, 7).requires_grad_(False)  # same shape, same indices tensor, other weights
+    other_original = other.weight.detach().clone()
+    pointers = []
+    for _ in range(2):
+        out = sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values)
+        out_other = sparse_delta_linear(x, DenseBaseWeight(other), other.bias, idx, values)
+        pointers.append(sparse_linear._current_hold(layer.weight).originals.data_ptr())
+        assert pointers[-1] != sparse_linear._current_hold(other.weight).originals.data_ptr()
+        assert torch.equal(layer.weight, merged)
+        (out.sum() + out_other.sum()).backward()
+        assert torch.equal(layer.weight, original) and torch.equal(other.weight, other_original)
+    assert pointers[0] == pointers[1]  # nothing allocated per update for the originals
 
 
 def test_merge_mode_names_the_variable_on_a_bad_value(monkeypatch):
