@@ -86,23 +86,21 @@ def _merge_in_place(
     return originals
 
 
-# (id(order), id(weight)) -> (weak references to both, buffer): where the merge of a delta held in a weight keeps the
-# entries it overwrote, kept as long as the delta's positions so that holding allocates nothing per update (fresh
-# buffers living between the activations of every step raised the peak RSS by tens of MiB through fragmentation)
-_ORIGINALS: dict[tuple[int, int], tuple] = {}
+# id(weight) -> (weak reference to the weight, buffer): where a merge held in that weight keeps the entries it
+# overwrote. One buffer per weight, reused by every hold of the same size (the budget stays fixed through
+# reselections), so that holding allocates nothing per update: fresh buffers living between each step's activations
+# raised the peak RSS by tens of MiB through allocator fragmentation. Only the weight's current hold uses it (a new
+# hold first undoes the previous one).
+_ORIGINALS: dict[int, tuple] = {}
 
 
-def _originals_buffer(order: SortedPositions, weight: torch.Tensor) -> torch.Tensor:
-    key = (id(order), id(weight))
+def _originals_buffer(weight: torch.Tensor, numel: int) -> torch.Tensor:
+    key = id(weight)
     entry = _ORIGINALS.get(key)
-    if entry is not None and entry[0]() is order and entry[1]() is weight and entry[2].dtype == weight.dtype:
-        return entry[2]
-    buffer = torch.empty(order.sorted.numel(), dtype=weight.dtype, device=weight.device)
-
-    def forget(_ref) -> None:
-        _ORIGINALS.pop(key, None)
-
-    _ORIGINALS[key] = (weakref.ref(order, forget), weakref.ref(weight, forget), buffer)
+    if entry is not None and entry[0]() is weight and entry[1].numel() == numel and entry[1].dtype == weight.dtype:
+        return entry[1]
+    buffer = torch.empty(numel, dtype=weight.dtype, device=weight.device)
+    _ORIGINALS[key] = (weakref.ref(weight, lambda _ref: _ORIGINALS.pop(key, None)), buffer)
     return buffer
 
 
@@ -238,7 +236,7 @@ def _hold_merged(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tens
                 _take_hold(weight).undo()
             order = sorted_positions(indices, *weight.shape)
             flat = weight.data.view(-1)
-            originals = _merge_in_place(flat, values, order, _originals_buffer(order, weight))
+            originals = _merge_in_place(flat, values, order, _originals_buffer(weight, order.sorted.numel()))
             hold = _HeldMerge(weight, indices, values, order, originals)
             _HOLDS[id(weight)] = hold
         hold.users += 1

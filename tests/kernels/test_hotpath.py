@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 
+from peft_sparse import sparse_linear
 from peft_sparse.kernels import (
     dispatch,
     sddmm,
@@ -19,7 +20,6 @@ from peft_sparse.kernels import (
     topk_outer_product_threshold,
 )
 from peft_sparse.kernels.positions import build_sorted_positions, rows_and_cols
-from peft_sparse import sparse_linear
 from peft_sparse.sparse_linear import merge_mode, merged_weight, release_held_merges, sparse_delta_linear
 from peft_sparse.tuners.base_weight import DenseBaseWeight
 
@@ -337,7 +337,7 @@ def test_a_copy_of_w_plus_delta_starts_from_the_unmerged_weight(monkeypatch):
     del held
 
 
-def test_a_hold_reuses_its_buffer_and_weights_sharing_positions_keep_their_own():
+def test_a_hold_reuses_its_weights_buffer_and_weights_sharing_positions_keep_their_own():
     layer, original, idx, values, x, merged = _hold_case()
     other = torch.nn.Linear(13, 7).requires_grad_(False)  # same shape, same indices tensor, other weights
     other_original = other.weight.detach().clone()
@@ -351,6 +351,11 @@ def test_a_hold_reuses_its_buffer_and_weights_sharing_positions_keep_their_own()
         (out.sum() + out_other.sum()).backward()
         assert torch.equal(layer.weight, original) and torch.equal(other.weight, other_original)
     assert pointers[0] == pointers[1]  # nothing allocated per update for the originals
+    values.data.mul_(2)  # as a reselection does: new values (and positions) of the same count reuse the buffer
+    out = sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx.flip(0).clone(), values)
+    assert sparse_linear._current_hold(layer.weight).originals.data_ptr() == pointers[0]
+    out.sum().backward()
+    assert torch.equal(layer.weight, original)
 
 
 def test_merge_mode_names_the_variable_on_a_bad_value(monkeypatch):
