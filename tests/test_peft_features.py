@@ -485,7 +485,7 @@ def test_base_weights_read_between_forward_and_backward_through_the_model_are_un
     del kept
     assert_state_equal(other.unload(), new_state)
 
-    # the same, then merge_and_unload: the delta is added once
+    # a forward kept without backward, then merge_and_unload: the delta is added once
     out = peft_model(tokens).logits
     deltas = deltas_by_module(peft_model, "default")
     merged = peft_model.merge_and_unload()

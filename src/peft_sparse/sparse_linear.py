@@ -178,6 +178,17 @@ def _take_hold(weight: torch.Tensor) -> Optional[_HeldMerge]:
     return hold
 
 
+def _held_for(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> Optional[_HeldMerge]:
+    """The merge of ``indices``/``values`` held intact in ``weight``, or None after undoing whatever other merge is
+    held there (so that ``W`` is unmerged). Call with ``_HOLDS_LOCK`` held."""
+    hold = _current_hold(weight)
+    if hold is not None and hold.matches(weight, indices, values) and hold.intact():
+        return hold
+    if hold is not None:
+        _take_hold(weight).undo()
+    return None
+
+
 def release_held_merge(weight: Optional[torch.Tensor]) -> None:
     """Undo now the merge a forward left in ``weight`` for its backward, if any (that backward then merges again
     for its product). Layers call it before running their base layer alone, merging or saving."""
@@ -219,8 +230,7 @@ class _HoldUse:
             hold.users -= 1
             weight = hold.weight()
             if hold.users == 0 and weight is not None and _current_hold(weight) is hold:
-                del _HOLDS[id(weight)]
-                hold.undo()
+                _take_hold(weight).undo()
 
     def __del__(self) -> None:
         self.release()
@@ -230,10 +240,8 @@ def _hold_merged(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tens
     """Merge the delta into ``weight`` and leave it there, or join the same merge already held; the caller releases
     the returned claim once its backward product has run."""
     with _HOLDS_LOCK:
-        hold = _current_hold(weight)
-        if hold is None or not (hold.matches(weight, indices, values) and hold.intact()):
-            if hold is not None:
-                _take_hold(weight).undo()
+        hold = _held_for(weight, indices, values)
+        if hold is None:
             order = sorted_positions(indices, *weight.shape)
             flat = weight.data.view(-1)
             originals = _merge_in_place(flat, values, order, _originals_buffer(weight, order.sorted.numel()))
@@ -260,10 +268,7 @@ def merged_weight(
         yield base_weight.with_delta(indices, values, dtype, backend)
         return
     with _HOLDS_LOCK:
-        hold = _current_hold(weight)
-        held = hold is not None and hold.matches(weight, indices, values) and hold.intact()
-        if hold is not None and not held:
-            _take_hold(weight).undo()
+        held = _held_for(weight, indices, values) is not None
     if held:
         yield weight.detach()
         return
