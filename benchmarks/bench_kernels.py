@@ -13,7 +13,9 @@ Measures, in bf16 on one GPU (float32 with ``--device cpu``):
   of the same parameter count (``r = K / (in + out)``, dropout 0);
 - ``apply_delta`` (clone + scatter) against the in-place exact merge + restore the layer now uses, and
   ``topk_outer_product`` (SpIEL-MA growth): Triton radix select, the chunked reference and the threshold search;
-- one reselection (drop + grow) of an ``[11008, 4096]`` delta at LoRA r=64's budget for SpIEL-random, -MA and -AG;
+- one reselection (drop + grow) of an ``[11008, 4096]`` delta at LoRA r=64's budget for SpIEL-random, -MA and -AG,
+  and SpIEL-MA's growth of all 28 projections of four Llama-7B layers, one search per matrix against
+  ``topk_outer_product_batched``;
 - qSpIEL's ``DEQUANT(W_nf4) + Delta`` (NF4, blocksize 64, double-quantised absmax, bf16 output): the fused Triton
   dequantise + delta against bitsandbytes' ``dequantize_4bit`` + clone + ``scatter_add_`` (needs bitsandbytes).
 
@@ -49,6 +51,9 @@ RESELECTION_SHAPE = (11008, 4096)
 RESELECTION_RANK = 64
 # Fraction of K regrown at a SpIEL-MA reselection (initial_reselection_rate, thesis §7.3.1).
 GROWTH_FRACTION = 0.2
+# SpIEL-MA growth of a whole model's reselection: the 7 projections of this many Llama-7B decoder layers.
+GROWTH_BATCH_LAYERS = 4
+LLAMA_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]  # q, k, v, o, gate, up, down
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -208,6 +213,7 @@ class Bench:
         results = {"meta": meta, "value_gradient": [], "layer": [], "apply_delta": [], "topk_outer_product": []}
         results["nf4_dequant_delta"] = []
         results["reselection"] = [] if self.args.no_reselection else self.bench_reselection()
+        results["ma_growth_batch"] = [] if self.args.no_reselection else self.bench_growth_batch()
         for out_f, in_f in [] if self.args.reselection_only else self.shapes:
             for density in self.densities:
                 results["apply_delta"] += self.bench_apply_delta(out_f, in_f, density)
@@ -282,6 +288,50 @@ class Bench:
                 print(f"reselection {selection} of {count}: {record['time_ms']:.1f} ms", flush=True)
         return rows
 
+    def bench_growth_batch(self) -> list[dict]:
+        """SpIEL-MA growth of every projection of ``GROWTH_BATCH_LAYERS`` Llama-7B layers at LoRA r=64's budgets
+        (``GROWTH_FRACTION`` of K, the rest of K excluded), as one reselection of a model grows them: one
+        ``topk_outer_product`` per matrix (Triton where it runs, and the threshold search) against
+        ``topk_outer_product_batched`` (the threshold search of all matrices of a shape at once)."""
+        torch = self.torch
+        kernels = self.kernels
+        shapes = (SMALL_SHAPES if self.args.small else LLAMA_LAYER) * (2 if self.args.small else GROWTH_BATCH_LAYERS)
+        rank = 1 if self.args.small else RESELECTION_RANK
+        gen = torch.Generator(device=self.device).manual_seed(11)
+        rows_, cols_, excludes, ks = [], [], [], []
+        for out_f, in_f in shapes:
+            k = rank * (out_f + in_f)
+            rows_.append(torch.rand(out_f, generator=gen, device=self.device) ** 4)  # SM3-like: heavy-tailed
+            cols_.append(torch.rand(in_f, generator=gen, device=self.device) ** 4)
+            excludes.append(self._indices(out_f * in_f, k - round(GROWTH_FRACTION * k)).long().sort().values)
+            ks.append(round(GROWTH_FRACTION * k))
+        methods = [
+            (
+                "per_matrix_threshold",
+                lambda: [kernels.topk_outer_product_threshold(*a) for a in zip(rows_, cols_, excludes, ks)],
+            ),
+            ("batched", lambda: kernels.topk_outer_product_batched(rows_, cols_, excludes, ks)),
+        ]
+        if self.triton:
+            methods.insert(
+                0,
+                (
+                    "per_matrix_triton",
+                    lambda: [kernels.topk_outer_product_triton(*a) for a in zip(rows_, cols_, excludes, ks)],
+                ),
+            )
+        records, outputs = [], {}
+        for method, fn in methods:
+            record = self.measure(fn)
+            outputs[method] = fn()
+            records.append({"matrices": len(shapes), "grown": sum(ks), "method": method, **record})
+            print(f"MA growth of {len(shapes)} matrices, {method}: {record['time_ms']:.1f} ms", flush=True)
+        first = outputs[methods[0][0]]
+        for record in records:
+            same = all(torch.equal(a, b) for a, b in zip(outputs[record["method"]], first))
+            record["identical_to_first"] = same
+        return records
+
     def bench_value_gradient(self, out_f: int, in_f: int, tokens: int, density: float) -> list[dict]:
         """dL/dvalues of a Linear: dense dY.T @ X + gather against the SDDMM kernel in both layouts."""
         from peft_sparse.kernels.sddmm import clear_token_major_cache, sddmm_launch
@@ -329,8 +379,9 @@ class Bench:
             if method == "auto":
                 record["chose"] = kernels.dispatch.choose_sddmm_strategy(dy, x, idx, in_f, "auto")
                 if record["chose"] == "tune":
-                    tuned = [v for key, v in kernels.dispatch.tuned_sddmm_strategies().items() if key[2:4] == (
-                        out_f, in_f)]
+                    tuned = [
+                        v for key, v in kernels.dispatch.tuned_sddmm_strategies().items() if key[2:4] == (out_f, in_f)
+                    ]
                     record["chose"] = "tuned: " + ",".join(sorted(set(tuned)))
             rows.append(
                 {
@@ -602,6 +653,26 @@ def to_markdown(results: dict) -> str:
                     r["peak_mib"],
                 ]
                 for r in results.get("reselection", [])
+            ],
+        ),
+        "",
+        "## SpIEL-MA growth of a model's reselection (every projection of "
+        f"{GROWTH_BATCH_LAYERS} Llama-7B layers at LoRA r=64's budgets, {GROWTH_FRACTION:.0%} of K grown): one "
+        "search per matrix vs all matrices of a shape searched together",
+        "",
+        _table(
+            ["matrices", "positions grown", "method", "ms", "CPU ms", "peak MiB", "same positions"],
+            [
+                [
+                    r["matrices"],
+                    r["grown"],
+                    r["method"],
+                    r["time_ms"],
+                    r.get("cpu_ms"),
+                    r["peak_mib"],
+                    "yes" if r["identical_to_first"] else "NO",
+                ]
+                for r in results.get("ma_growth_batch", [])
             ],
         ),
         "",

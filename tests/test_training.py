@@ -150,6 +150,69 @@ def test_ma_grows_by_row_column_statistics_with_sm3(regrow_dropped):
     assert optimizer.state[values]["col_accumulator"] is layer.spiel_col_stats["default"]
 
 
+def test_ma_growth_of_every_layer_is_one_call_and_each_equals_its_dense_top_k(monkeypatch):
+    """The reselections due after one update are finished together: SpIEL-MA's growth of all 14 projections (five
+    shapes) is one call, and each layer's new positions are still the top-k of its own dense score matrix."""
+    import peft_sparse.tuners.spiel.layer as layer_module
+
+    config = SpIELConfig(
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        density=0.05,
+        selection="ma",
+        reselection_steps=4,
+        accumulation_steps=4,
+    )
+    model = get_peft_model(tiny_llama(), config)
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "spiel_row_stats")}
+    assert len(layers) == 14
+    calls = []
+    original = layer_module.grow_by_momentum_approximation_many
+
+    def spy(row_stats, *args):
+        calls.append(len(row_stats))
+        return original(row_stats, *args)
+
+    monkeypatch.setattr(layer_module, "grow_by_momentum_approximation_many", spy)
+    values = [m.sparse_values["default"] for m in layers.values()]
+    optimizer = torch.optim.Adam(values, lr=1e-3)
+    run_loop(model, optimizer, batches(4))  # the first reselection, after update 4, replaces every entry
+    assert calls == [14]
+    for name, layer in layers.items():
+        r, c = layer.spiel_row_stats["default"], layer.spiel_col_stats["default"]
+        scores = (r[:, None] * c[None, :]).view(-1)
+        # equal scores (the products of equal statistics) go to the lower position
+        expected = torch.sort(scores, descending=True, stable=True).indices[: layer.sparse_values["default"].numel()]
+        assert set(layer.sparse_indices["default"].tolist()) == set(expected.tolist()), name
+
+
+def test_reselecting_together_equals_reselecting_layer_by_layer(monkeypatch):
+    """Several reselections (every entry, then 20 %, decaying) of MA, AG and random layers: finishing them together
+    leaves exactly the state that one ``reselect`` per layer leaves."""
+    import peft_sparse.tuners.spiel.layer as layer_module
+
+    def train(selection, together):
+        if not together:
+            monkeypatch.setattr(layer_module, "reselect_together", lambda plans, opt: [p.finish(opt) for p in plans])
+        config = SpIELConfig(
+            target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+            density=0.05,
+            selection=selection,
+            reselection_steps=3,
+            accumulation_steps=2,
+        )
+        model = get_peft_model(tiny_llama(), config)
+        values = [p for n, p in model.named_parameters() if p.requires_grad]
+        run_loop(model, torch.optim.Adam(values, lr=1e-2), batches(11))
+        monkeypatch.undo()
+        return {k: v.clone() for k, v in model.state_dict().items() if "spiel_" in k}
+
+    for selection in ("ma", "ag", "random"):
+        together, apart = train(selection, True), train(selection, False)
+        assert together.keys() == apart.keys()
+        for key in together:
+            assert torch.equal(together[key], apart[key]), (selection, key)
+
+
 def test_ma_statistics_are_accumulated_once_per_update(monkeypatch):
     import peft_sparse.optim.sm3 as sm3_module
     import peft_sparse.tuners.spiel.layer as layer_module

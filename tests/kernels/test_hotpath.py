@@ -4,6 +4,7 @@ threshold top-k of an outer product, each against an independent dense float64 (
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from peft_sparse.kernels import (
     sddmm_dense,
     sorted_positions,
     topk_outer_product,
+    topk_outer_product_batched,
+    topk_outer_product_many,
     topk_outer_product_reference,
     topk_outer_product_threshold,
 )
@@ -23,7 +26,9 @@ from peft_sparse.kernels.positions import build_sorted_positions, rows_and_cols
 from peft_sparse.sparse_linear import merge_mode, merged_weight, release_held_merges, sparse_delta_linear
 from peft_sparse.tuners.base_weight import DenseBaseWeight
 
-sddmm_module = importlib.import_module("peft_sparse.kernels.sddmm")  # the package exports a function of that name
+# the package exports functions of these names
+sddmm_module = importlib.import_module("peft_sparse.kernels.sddmm")
+topk_module = importlib.import_module("peft_sparse.kernels.topk_outer_product")
 STRATEGIES = {"csr": sddmm_csr, "dense": sddmm_dense}
 
 
@@ -490,6 +495,120 @@ def test_topk_outer_product_torch_backend_is_the_threshold_search():
     assert torch.equal(got, topk_outer_product_reference(rows, cols, exclude, 2_000))
 
 
+def _batch(seed, shapes_kinds, fractions=(0.0, 0.1, 0.5)):
+    """One matrix per (shape, kind), each with its own exclusions and k (some k = 0, some every free position)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols, excludes, ks = [], [], [], []
+    for m, ((n_rows, n_cols), kind) in enumerate(shapes_kinds):
+        rows.append(_nonnegative_scores(kind, n_rows, gen))
+        cols.append(_nonnegative_scores(kind, n_cols, gen))
+        numel = n_rows * n_cols
+        exclude = _indices(numel, round(fractions[m % len(fractions)] * numel), seed=seed + m).sort().values
+        excludes.append(exclude)
+        free = numel - exclude.numel()
+        ks.append([0, 1, 17, free // 3, free][m % 5] if free >= 17 else free)
+    return rows, cols, excludes, ks
+
+
+KINDS = ["continuous", "ties", "zeros", "heavy", "signed"]
+
+
+def test_topk_outer_product_batched_matches_brute_force():
+    # shapes repeat, so several matrices share one search; kinds and exclusions differ within a shape
+    shapes = [(7, 13), (33, 65), (130, 70), (33, 65), (130, 70), (33, 65)]
+    batch = [(shape, kind) for shape in shapes for kind in KINDS]
+    rows, cols, excludes, ks = _batch(31, batch)
+    got = topk_outer_product_batched(rows, cols, excludes, ks)
+    assert len(got) == len(batch)
+    for m, positions in enumerate(got):
+        assert positions.dtype == torch.int64
+        assert torch.equal(positions, _topk_brute_force(rows[m], cols[m], excludes[m], ks[m])), (m, batch[m], ks[m])
+    assert topk_outer_product_batched([], [], [], []) == []
+
+
+def test_topk_outer_product_batched_searches_and_leaves_only_the_odd_cases_to_the_reference(monkeypatch):
+    rows, cols, excludes, ks = _batch(32, [((130, 70), "continuous"), ((33, 65), "heavy"), ((33, 65), "signed")])
+    ks = [500, 300, 300]
+    reference_calls = []
+    chunked = topk_module._topk_outer_product_chunked
+
+    def spy(row_scores, *args):
+        reference_calls.append(row_scores.numel())
+        return chunked(row_scores, *args)
+
+    monkeypatch.setattr(topk_module, "_topk_outer_product_chunked", spy)
+    expected = [_topk_brute_force(*args) for args in zip(rows, cols, excludes, ks)]
+    got = topk_outer_product_batched(rows, cols, excludes, ks)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert reference_calls == [33]  # the signed matrix only
+    # a cut that would enumerate too many positions, or more positions than a rank key holds: the reference
+    for name, value in (("_ENUMERATION_SLACK", 0), ("_POSITION_LIMIT", 33 * 65)):
+        reference_calls.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(topk_module, name, value)
+            if name == "_ENUMERATION_SLACK":
+                patch.setattr(topk_module, "_ENUMERATION_LIMIT", 0)
+            got = topk_outer_product_batched(rows, cols, excludes, ks)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+        assert sorted(reference_calls) == ([33, 33, 130] if name == "_ENUMERATION_SLACK" else [33, 130])
+
+
+def test_topk_outer_product_batched_reads_the_host_a_few_times_per_shape_not_per_matrix(monkeypatch):
+    reads = []
+    for method in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, method)
+
+        def counting(self, *args, _original=original, **kwargs):
+            reads.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    gen = torch.Generator().manual_seed(33)
+    rows, cols = torch.rand(200, generator=gen), torch.rand(90, generator=gen)
+    exclude = _indices(200 * 90, 400, seed=34).sort().values
+
+    def count_reads(n, together):
+        reads.clear()
+        if together:
+            topk_outer_product_batched([rows] * n, [cols] * n, [exclude] * n, [300] * n)
+        else:
+            for _ in range(n):
+                topk_outer_product_threshold(rows, cols, exclude, 300)
+        return len(reads)
+
+    two, ten = count_reads(2, True), count_reads(10, True)
+    one_by_one, single = count_reads(10, False), count_reads(1, False)
+    monkeypatch.undo()
+    assert two == ten <= 8, (two, ten)
+    assert one_by_one == 10 * single > ten
+
+
+def test_topk_outer_product_batched_argument_errors():
+    rows, cols, exclude = torch.rand(7), torch.rand(13), torch.tensor([3, 10, 50])
+    with pytest.raises(ValueError, match="one entry per matrix, got lengths 2, 2, 2, 1"):
+        topk_outer_product_batched([rows] * 2, [cols] * 2, [exclude] * 2, [5])
+    with pytest.raises(ValueError, match=r"ks\[1\] must be an int in \[0, 88\].*got 89"):
+        topk_outer_product_batched([rows] * 2, [cols] * 2, [exclude] * 2, [5, 89])
+    with pytest.raises(ValueError, match=r"row_scores\[1\] must be finite, got 1 non-finite"):
+        topk_outer_product_batched([rows, torch.tensor([1.0, float("nan")])], [cols] * 2, [exclude] * 2, [5, 5])
+    for unordered in ([10, 3], [3, 3]):
+        with pytest.raises(ValueError, match=r"exclude_sorted\[1\] must be strictly increasing"):
+            topk_outer_product_batched([rows] * 2, [cols] * 2, [exclude, torch.tensor(unordered)], [5, 5])
+    with pytest.raises(ValueError, match=r"exclude_sorted\[0\] must lie in \[0, 91\)"):
+        topk_outer_product_batched([rows], [cols], [torch.tensor([3, 91])], [5])
+    with pytest.raises(ValueError, match=r"col_scores\[0\] must be a 1-D float tensor"):
+        topk_outer_product_batched([rows], [torch.ones(2, 2)], [exclude], [5])
+
+
+def test_topk_outer_product_many_runs_the_chosen_backend_per_device():
+    rows, cols, excludes, ks = _batch(35, [((33, 65), "continuous"), ((130, 70), "heavy"), ((33, 65), "ties")])
+    expected = [_topk_brute_force(*args) for args in zip(rows, cols, excludes, ks)]
+    for setting in ("auto", "torch"):
+        got = topk_outer_product_many(rows, cols, excludes, ks, setting=setting)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert topk_outer_product_many([], [], [], []) == []
+
+
 # ------------------------------------------------------------------------------------------------- CUDA
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -508,6 +627,33 @@ def test_cuda_sddmm_strategies_and_tuned_dispatch(dtype):
         for _ in range(2):  # the first call times the candidates, the second runs the kept one
             torch.testing.assert_close(sddmm(a, b, idx, cols).double(), truth, **tol)
     assert set(dispatch.tuned_sddmm_strategies().values()) <= {"csr", "dense", "triton", "triton_sorted"}
+
+
+@needs_cuda
+def test_cuda_topk_outer_product_batched_syncs_per_shape_not_per_matrix():
+    device = torch.device("cuda")
+    rows, cols, excludes, _ = _batch(36, [((257, 1031), "heavy"), ((33, 65), "continuous")] * 5, fractions=(0.05,))
+    rows, cols, excludes = ([t.to(device) for t in ts] for ts in (rows, cols, excludes))
+    ks = [5000, 300] * 5  # every matrix searched (none left to the reference)
+
+    def synchronizing(n):
+        # two shapes either way: 2 matrices, or 10
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                got = topk_outer_product_batched(rows[:n], cols[:n], excludes[:n], ks[:n])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught), got
+
+    (two, _), (ten, got) = synchronizing(2), synchronizing(10)
+    assert two == ten, (two, ten)
+    for m, positions in enumerate(got):
+        assert positions.device.type == "cuda"
+        expected = _topk_brute_force(rows[m].cpu(), cols[m].cpu(), excludes[m].cpu(), ks[m])
+        assert torch.equal(positions.cpu(), expected), m
 
 
 @needs_cuda

@@ -19,6 +19,7 @@ from .dispatch import (
     set_sddmm_strategy,
     sparse_delta_matmul,
     topk_outer_product,
+    topk_outer_product_many,
 )
 from .positions import SortedPositions, sorted_positions
 from .sddmm import sddmm_csr, sddmm_dense, sddmm_reference, sddmm_triton, sddmm_triton_sorted
@@ -29,6 +30,7 @@ from .sparse_delta_matmul import (
     sparse_delta_product,
 )
 from .topk_outer_product import (
+    topk_outer_product_batched,
     topk_outer_product_reference,
     topk_outer_product_threshold,
     topk_outer_product_triton,
@@ -69,6 +71,8 @@ __all__ = [
     "sparse_delta_matmul_triton",
     "sparse_delta_product",
     "topk_outer_product",
+    "topk_outer_product_batched",
+    "topk_outer_product_many",
     "topk_outer_product_reference",
     "topk_outer_product_threshold",
     "topk_outer_product_triton",

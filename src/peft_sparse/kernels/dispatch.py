@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,7 +23,11 @@ from .apply_delta import apply_delta_reference
 from .dequantize_nf4 import dequantize_nf4_delta_reference
 from .sddmm import sddmm_csr, sddmm_dense, sddmm_reference, sddmm_triton_sorted
 from .sparse_delta_matmul import sparse_delta_matmul_reference
-from .topk_outer_product import topk_outer_product_reference, topk_outer_product_threshold
+from .topk_outer_product import (
+    topk_outer_product_batched,
+    topk_outer_product_reference,
+    topk_outer_product_threshold,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -251,3 +255,22 @@ def topk_outer_product(
     if fn is topk_outer_product_reference:
         fn = topk_outer_product_threshold
     return fn(row_scores, col_scores, exclude_sorted, k)
+
+
+def topk_outer_product_many(
+    row_scores: Sequence[torch.Tensor],
+    col_scores: Sequence[torch.Tensor],
+    exclude_sorted: Sequence[torch.Tensor],
+    ks: Sequence[int],
+    setting: str = "auto",
+) -> list[torch.Tensor]:
+    """``topk_outer_product`` of several matrices (element ``m`` of each sequence is one call's arguments), on the
+    backend chosen for their device: the PyTorch backend searches them together (``topk_outer_product_batched``:
+    a few host reads per distinct shape instead of tens per matrix), another backend runs them one by one. All
+    tensors must be on one device."""
+    if not row_scores:
+        return []
+    fn = resolve("topk_outer_product", row_scores[0].device, setting)
+    if fn is topk_outer_product_reference:
+        return topk_outer_product_batched(row_scores, col_scores, exclude_sorted, ks)
+    return [fn(*args) for args in zip(row_scores, col_scores, exclude_sorted, ks)]

@@ -14,7 +14,11 @@ positions: the ``k`` largest scores among positions not in ``exclude_sorted``, t
 
 from __future__ import annotations
 
+import math
+from typing import Optional, Sequence
+
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ._triton import INTERPRETED, cdiv, tl, triton
 
@@ -313,76 +317,251 @@ def topk_outer_product_threshold(
     """``topk_outer_product_reference`` (same result, bit for bit) for non-negative scores, in ``O((out + K) log)``
     work instead of scoring all ``out * in`` positions; signed scores go to the reference.
 
-    With the columns sorted by score, the positions of row ``o`` scoring at least ``t`` are a prefix of that order,
-    found by one ``searchsorted``, so how many positions score ``>= t`` is known for any ``t`` without enumerating
-    them. A bisection finds the largest ``t`` at which (by float64 products, excluded positions subtracted) at least
-    ``k`` free positions remain; those positions (a hair more, to cover the rounding of float32 products) are then
-    enumerated, scored exactly as the reference scores them, and the best ``k`` taken with ties to the lower position.
-    If the float32 scores of the enumerated set fall short of ``k`` at ``t`` (rounding), ``t`` is lowered and the
-    search repeated; if it leaves float32's normal range (e.g. the ``k``-th best score is 0) the reference runs
-    instead.
+    One matrix of ``topk_outer_product_batched``, which describes the search.
     """
     check_topk_outer_product_args(row_scores, col_scores, exclude_sorted, k)
-    device = row_scores.device
-    if k == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    rows, cols = row_scores.float(), col_scores.float()
-    if bool((rows < 0).any()) or bool((cols < 0).any()):
-        return topk_outer_product_reference(row_scores, col_scores, exclude_sorted, k)
-    n_rows, n_cols = rows.numel(), cols.numel()
-    exclude = exclude_sorted.long()
-    ex_rows = torch.div(exclude, n_cols, rounding_mode="floor")
-    ex_exact = (rows.double()[ex_rows] * cols.double()[exclude - ex_rows * n_cols]).sort().values
-    col_sorted, col_order = torch.sort(cols, descending=True, stable=True)
-    neg_cols64 = -col_sorted.double()
-    rows64 = rows.double()
+    signed = bool((row_scores < 0).any()) or bool((col_scores < 0).any())
+    return _search_or_reference([row_scores], [col_scores], [exclude_sorted], [int(k)], [signed])[0]
 
-    def per_row(t: float) -> torch.Tensor:
-        # positions of each row whose exact (float64) product is >= t: a prefix of the sorted columns
-        bound = torch.where(rows64 > 0, t / rows64, torch.full_like(rows64, float("inf")))
+
+# Bisection steps between two host reads of whether every matrix of a batch has converged, and at most this many
+# reads (a search that has not converged by then uses the t it has: a matrix whose t is still 0 goes to the reference).
+_BISECTION_STEPS_PER_CHECK = 8
+_BISECTION_CHECKS = 32
+# An enumerated set larger than this many times k (plus a constant) means massive ties at the cut: that matrix goes to
+# the chunked reference instead, whose memory is bounded.
+_ENUMERATION_LIMIT = 8
+_ENUMERATION_SLACK = 1 << 20
+# Matrices of more positions than this go to the reference: a candidate's rank key holds its position in 31 bits.
+_POSITION_LIMIT = 1 << 31
+
+
+def topk_outer_product_batched(
+    row_scores: Sequence[torch.Tensor],
+    col_scores: Sequence[torch.Tensor],
+    exclude_sorted: Sequence[torch.Tensor],
+    ks: Sequence[int],
+) -> list[torch.Tensor]:
+    """``topk_outer_product_reference`` of several matrices at once: element ``m`` of the result is
+    ``topk_outer_product_reference(row_scores[m], col_scores[m], exclude_sorted[m], ks[m])``, bit for bit.
+
+    All tensors must be on one device. Matrices of one shape with non-negative scores are searched together, so the
+    host reads a result once to check the arguments and three or four times per distinct shape (none per matrix),
+    where one search per matrix reads about ten times per matrix (a GPU waits for each read). Matrices with a
+    negative score, a ``k``-th best score outside float32's normal range, more than ``2**31`` positions or massive
+    ties at the cut are answered by the reference, one by one.
+
+    The search: with each matrix's columns sorted by score, the positions of row ``o`` scoring at least ``t`` are a
+    prefix of that order, found by one ``searchsorted``, so how many positions score ``>= t`` is known for any
+    ``t`` without enumerating them. For every matrix at once, ``t`` is halved from above every product until
+    enough positions count, then bisected, until (by float64 products, excluded positions subtracted) at least
+    ``k`` and at most about 1 % more free positions score ``>= t``. The positions whose float64 product is at least
+    ``t (1 - 2**-20)`` are then enumerated, scored exactly as the reference scores them (one float32 product), and
+    the best ``k`` of each matrix taken, ties to the lower position. That is the reference's answer when at least
+    ``k`` free enumerated scores are ``>= float32(t)``: every position left out scores below that (float32 rounding
+    is monotone and ``t (1 - 2**-20)`` lies several float32 steps below ``t``); it is checked, and a matrix failing
+    it goes to the reference.
+    """
+    n = len(row_scores)
+    if not len(col_scores) == len(exclude_sorted) == len(ks) == n:
+        raise ValueError(
+            "row_scores, col_scores, exclude_sorted and ks must have one entry per matrix, got lengths "
+            f"{n}, {len(col_scores)}, {len(exclude_sorted)}, {len(ks)}"
+        )
+    if n == 0:
+        return []
+    signed = _check_batch_args(row_scores, col_scores, exclude_sorted, ks)
+    return _search_or_reference(row_scores, col_scores, exclude_sorted, ks, signed)
+
+
+def _search_or_reference(
+    row_scores: Sequence[torch.Tensor],
+    col_scores: Sequence[torch.Tensor],
+    exclude_sorted: Sequence[torch.Tensor],
+    ks: Sequence[int],
+    signed: Sequence[bool],
+) -> list[torch.Tensor]:
+    """Checked arguments of ``topk_outer_product_batched``: the threshold search where it applies, else the
+    reference."""
+    n = len(row_scores)
+    results: list[Optional[torch.Tensor]] = [None] * n
+    device = row_scores[0].device
+    searched = []
+    for m in range(n):
+        if ks[m] == 0:
+            results[m] = torch.empty(0, dtype=torch.int64, device=device)
+        elif signed[m]:
+            results[m] = _topk_outer_product_chunked(row_scores[m], col_scores[m], exclude_sorted[m], ks[m], None)
+        else:
+            searched.append(m)
+    groups: dict[tuple[int, int], list[int]] = {}  # one search per shape: no padding
+    for m in searched:
+        groups.setdefault((row_scores[m].numel(), col_scores[m].numel()), []).append(m)
+    for group in groups.values():
+        found = _threshold_search(
+            [row_scores[m] for m in group],
+            [col_scores[m] for m in group],
+            [exclude_sorted[m].long() for m in group],
+            [int(ks[m]) for m in group],
+        )
+        for m, positions in zip(group, found):
+            if positions is None:
+                positions = _topk_outer_product_chunked(row_scores[m], col_scores[m], exclude_sorted[m], ks[m], None)
+            results[m] = positions
+    return results
+
+
+def _check_batch_args(
+    row_scores: Sequence[torch.Tensor],
+    col_scores: Sequence[torch.Tensor],
+    exclude_sorted: Sequence[torch.Tensor],
+    ks: Sequence[int],
+) -> list[bool]:
+    """``check_topk_outer_product_args`` for every matrix with one host read in all; returns which matrices have a
+    negative score. Errors name the matrix."""
+    device = row_scores[0].device
+    flags = []
+    for m, (rows, cols, exclude, k) in enumerate(zip(row_scores, col_scores, exclude_sorted, ks)):
+        for name, scores in (("row_scores", rows), ("col_scores", cols)):
+            if scores.dim() != 1 or not scores.is_floating_point():
+                raise ValueError(f"{name}[{m}] must be a 1-D float tensor, got {scores.dtype} {tuple(scores.shape)}")
+        if exclude.dim() != 1 or exclude.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"exclude_sorted[{m}] must be a 1-D int64 tensor, got {exclude.dtype} {tuple(exclude.shape)}"
+            )
+        if not rows.device == cols.device == exclude.device == device:
+            raise ValueError(
+                f"all scores and exclusions must be on one device, got {device} and, for matrix {m}, "
+                f"{rows.device}, {cols.device}, {exclude.device}"
+            )
+        numel, n_excluded = rows.numel() * cols.numel(), exclude.numel()
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= numel - n_excluded:
+            raise ValueError(f"ks[{m}] must be an int in [0, {numel - n_excluded}] (positions not excluded), got {k}")
+        exclude = exclude.long()
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        flags.append(
+            torch.stack(
+                [
+                    torch.isfinite(rows).all().long(),
+                    torch.isfinite(cols).all().long(),
+                    (exclude[1:] > exclude[:-1]).all().long() if n_excluded > 1 else zero + 1,
+                    exclude[0] if n_excluded else zero,
+                    exclude[-1] if n_excluded else zero,
+                    ((rows < 0).any() | (cols < 0).any()).long(),
+                ]
+            )
+        )
+    checked = torch.stack(flags).tolist()
+    for m, (finite_rows, finite_cols, ordered, first, last, _) in enumerate(checked):
+        numel = row_scores[m].numel() * col_scores[m].numel()
+        for name, scores, finite in (("row_scores", row_scores, finite_rows), ("col_scores", col_scores, finite_cols)):
+            if not finite:
+                bad = int((~torch.isfinite(scores[m])).sum())
+                raise ValueError(f"{name}[{m}] must be finite, got {bad} non-finite entries")
+        if not ordered:
+            raise ValueError(f"exclude_sorted[{m}] must be strictly increasing (sorted, unique)")
+        if exclude_sorted[m].numel() and (first < 0 or last >= numel):
+            raise ValueError(f"exclude_sorted[{m}] must lie in [0, {numel}), got values from {first} to {last}")
+    return [bool(row[5]) for row in checked]
+
+
+def _threshold_search(
+    row_scores: list[torch.Tensor], col_scores: list[torch.Tensor], excludes: list[torch.Tensor], ks: list[int]
+) -> list[Optional[torch.Tensor]]:
+    """The search of ``topk_outer_product_batched`` for matrices with non-negative scores and ``k >= 1``; None for a
+    matrix the reference must answer."""
+    device = row_scores[0].device
+    count = len(row_scores)
+    n_rows = [r.numel() for r in row_scores]
+    n_cols = [c.numel() for c in col_scores]
+    pad_rows = max(n_rows)
+    rows32 = pad_sequence([r.float() for r in row_scores], batch_first=True)  # padded rows score 0: count nothing
+    cols32 = pad_sequence([c.float() for c in col_scores], batch_first=True)
+    # padded columns sort last, as +inf in the ascending negated order: no bound reaches them
+    col_sorted, col_order = torch.sort(
+        pad_sequence([c.float() for c in col_scores], batch_first=True, padding_value=float("-inf")),
+        dim=1,
+        descending=True,
+        stable=True,
+    )
+    neg_cols64 = -col_sorted.double()
+    rows64 = rows32.double()
+    excluded_exact = []  # one tensor per matrix: counted matrix by matrix, each pass stays in cache
+    for m, (exclude, width) in enumerate(zip(excludes, n_cols)):
+        ex_rows = torch.div(exclude, width, rounding_mode="floor")
+        excluded_exact.append(rows64[m, ex_rows] * cols32[m].double()[exclude - ex_rows * width])  # float32 scores'
+
+    def per_row(t: torch.Tensor, rows64: torch.Tensor = rows64, neg_cols64: torch.Tensor = neg_cols64) -> torch.Tensor:
+        # positions of each row whose float64 product is >= t: a prefix of the row's sorted columns
+        bound = torch.where(rows64 > 0, t[:, None] / rows64, torch.full_like(rows64, math.inf))
         return torch.searchsorted(neg_cols64, -bound, right=True)
 
-    def free_count(t: float) -> int:
-        excluded_above = ex_exact.numel() - int(torch.searchsorted(ex_exact, torch.tensor(t, dtype=torch.float64,
-                                                                                           device=device)))
-        return int(per_row(t).sum()) - excluded_above
-
-    hi = float(rows64.max()) * float(col_sorted[0].double()) * 2.0 + 1e-300
-    target = k
-    for _ in range(4):
-        # bisection for the largest t with at least target free positions (stop once within 1 % + 64 of it)
-        lo_t, hi_t = 0.0, hi
-        for _ in range(200):
-            mid = 0.5 * (lo_t + hi_t) if lo_t > 0 else hi_t / 2.0 if hi_t > 1e-30 * hi else 0.0
-            if mid in (lo_t, hi_t):
-                break
-            count = free_count(mid)
-            if count >= target:
-                lo_t = mid
-                if count <= target + target // 100 + 64:
-                    break
-            else:
-                hi_t = mid
-        t = lo_t
-        if not 2.0**-100 <= t <= 2.0**100:
-            # near float32's subnormal or overflow range the float32 product is not within 2**-24 of the exact one
+    target = torch.tensor(ks, dtype=torch.int64, device=device)
+    enough_at = target + target // 100 + 64  # close enough: stop searching this matrix
+    high = rows64.amax(1) * (-neg_cols64[:, 0]) * 2.0 + 1e-300  # above every product: no position counts
+    low = torch.zeros_like(high)  # every free position counts
+    low_count = torch.tensor(
+        [r * c - e.numel() for r, c, e in zip(n_rows, n_cols, excludes)], dtype=torch.int64, device=device
+    )
+    active = list(range(count))  # the matrices still searching, read by the host after each block of steps
+    for _ in range(_BISECTION_CHECKS):
+        if len(active) == count:
+            part = slice(None)
+        else:
+            part = torch.tensor(active, device=device)
+        p_rows, p_cols = rows64[part], neg_cols64[part]
+        p_excluded = [excluded_exact[m] for m in active]
+        p_target, p_enough = target[part], enough_at[part]
+        p_low, p_high, p_count = low[part], high[part], low_count[part]
+        searching = torch.ones(len(active), dtype=torch.bool, device=device)
+        for _ in range(_BISECTION_STEPS_PER_CHECK):
+            # halve the upper end until a t with enough positions is found, then bisect between the two
+            middle = torch.where(p_low > 0, 0.5 * (p_low + p_high), 0.5 * p_high)
+            searching &= (middle != p_low) & (middle != p_high)  # else no float64 lies between them
+            # (a comparison per excluded position costs less than sorting them for the few steps a search takes)
+            excluded_above = torch.stack([torch.count_nonzero(e >= t) for e, t in zip(p_excluded, middle.unbind())])
+            counted = per_row(middle, p_rows, p_cols).sum(1) - excluded_above
+            raise_low = searching & (counted >= p_target)
+            lower_high = searching & (counted < p_target)
+            p_low = torch.where(raise_low, middle, p_low)
+            p_count = torch.where(raise_low, counted, p_count)
+            p_high = torch.where(lower_high, middle, p_high)
+            searching &= p_count > p_enough
+        low[part], high[part], low_count[part] = p_low, p_high, p_count
+        active = [m for m, still in zip(active, searching.tolist()) if still]
+        if not active:
             break
-        counts = per_row(t * (1.0 - 2.0**-20))
-        total = int(counts.sum())
-        starts = torch.cumsum(counts, 0) - counts
-        cand_rows = torch.repeat_interleave(torch.arange(n_rows, device=device), counts)
-        cand_cols = col_order[torch.arange(total, device=device) - starts[cand_rows]]
-        positions = cand_rows * n_cols + cand_cols
-        if exclude.numel():
-            slot = torch.searchsorted(exclude, positions).clamp_max(exclude.numel() - 1)
-            free = exclude[slot] != positions
-            positions, cand_rows, cand_cols = positions[free], cand_rows[free], cand_cols[free]
-        scores = rows[cand_rows] * cols[cand_cols]  # float32, as the reference scores
-        if int((scores.double() >= t).sum()) < k:
-            target = 2 * target + 64  # rounding left fewer than k at t: search again further down
+    t = low
+    # float32 products are within 2**-24 of float64 ones in this range; positions must fit the key below
+    usable = (t >= 2.0**-100) & (t <= 2.0**100)
+    usable &= torch.tensor([r * c <= _POSITION_LIMIT for r, c in zip(n_rows, n_cols)], device=device)
+    counts = per_row(t * (1.0 - 2.0**-20)) * usable[:, None]
+    usable &= counts.sum(1) <= _ENUMERATION_LIMIT * target + _ENUMERATION_SLACK
+    counts *= usable[:, None]
+    totals = counts.sum(1).tolist()
+
+    # matrix by matrix from here (sizes now known on the host): each pass over a matrix's candidates stays in cache
+    found, checks = [], []
+    for m, (total, k) in enumerate(zip(totals, ks)):
+        if total < k:  # not usable (no candidates), or too few: the reference answers
+            found.append(None)
+            checks.append(usable.new_zeros(()))
             continue
-        kth = torch.kthvalue(scores, scores.numel() - k + 1).values
-        above = scores > kth
-        ties = positions[scores == kth].sort().values[: k - int(above.sum())]
-        return torch.cat([positions[above], ties]).sort().values
-    return topk_outer_product_reference(row_scores, col_scores, exclude_sorted, k)
+        row = torch.repeat_interleave(torch.arange(pad_rows, device=device), counts[m], output_size=total)
+        starts = torch.cumsum(counts[m], 0) - counts[m]
+        col = col_order[m, torch.arange(total, device=device) - starts[row]]
+        position = row * n_cols[m] + col
+        scores = rows32[m, row] * cols32[m, col]  # float32, as the reference scores
+        scores = torch.where(scores == 0, torch.zeros_like(scores), scores)  # -0.0 ties with 0.0
+        if excludes[m].numel():
+            slot = torch.searchsorted(excludes[m], position).clamp_max(excludes[m].numel() - 1)
+            excluded = excludes[m][slot] == position
+        else:
+            excluded = torch.zeros_like(position, dtype=torch.bool)
+        # one int64 per candidate, smaller is better: free first, then higher score (non-negative floats order like
+        # their bit patterns), then lower position; unique, so the k-th smallest cuts exactly k
+        rank = (excluded.long() << 62) | (((1 << 31) - 1 - scores.view(torch.int32).long()) << 31) | position
+        take = torch.nonzero_static(rank <= torch.kthvalue(rank, k).values, size=k).flatten()
+        found.append(position[take].sort().values)
+        checks.append(usable[m] & (torch.count_nonzero(~excluded & (scores >= t[m].float())) >= k))
+    return [positions if ok else None for positions, ok in zip(found, torch.stack(checks).tolist())]

@@ -6,11 +6,11 @@ kept (or all active entries), passed sorted; growth never returns them, so indic
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..kernels import topk_outer_product
+from ..kernels import topk_outer_product, topk_outer_product_many
 from ..kernels.sddmm import mm_float32
 
 # is_member answers queries of non-negative positions through a bool table of this many entries at most, when the
@@ -182,6 +182,22 @@ def grow_by_momentum_approximation(
     return topk_outer_product(row_stats.float(), col_stats.float(), excluded_sorted, min(k, available), backend)
 
 
+def grow_by_momentum_approximation_many(
+    row_stats: Sequence[torch.Tensor],
+    col_stats: Sequence[torch.Tensor],
+    excluded_sorted: Sequence[torch.Tensor],
+    ks: Sequence[int],
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """``grow_by_momentum_approximation`` of several deltas on one device (element ``m`` of each sequence is one
+    delta's arguments) in one ``topk_outer_product_many`` call: the same positions, with a few host reads per
+    distinct weight shape instead of tens per delta on the PyTorch backend."""
+    rows = [r.float() for r in row_stats]
+    cols = [c.float() for c in col_stats]
+    ks = [min(k, r.numel() * c.numel() - e.numel()) for r, c, e, k in zip(rows, cols, excluded_sorted, ks)]
+    return topk_outer_product_many(rows, cols, list(excluded_sorted), ks, backend)
+
+
 def grow_random(numel: int, excluded_sorted: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """``k`` distinct positions in ``[0, numel)`` outside ``excluded_sorted``, uniformly at random; int64, ascending,
     on ``excluded_sorted``'s device.
@@ -284,15 +300,38 @@ def replace_entries(
     smallest ``|value|`` first, so no more entries are dropped than grown. ``chosen`` are the growth choices that
     received a slot (aligned with ``new_positions``).
     """
-    device = indices.device
-    empty = torch.zeros(0, dtype=torch.long, device=device)
+    drop, excluded = plan_drop(indices, values, k, exclude_dropped)
+    return place_growth(indices, drop, grow(excluded, k) if drop.numel() else drop, positions_of)
+
+
+def plan_drop(
+    indices: torch.Tensor, values: torch.Tensor, k: int, exclude_dropped: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first half of ``replace_entries``: ``(drop, excluded_sorted)``, the slots of the ``k`` entries to drop
+    and the sorted positions growth may not choose (the kept ones, or all active ones with ``exclude_dropped``).
+    Both are empty when nothing is to be replaced (``k <= 0`` or no entries)."""
+    empty = torch.zeros(0, dtype=torch.long, device=indices.device)
     if k <= 0 or indices.numel() == 0:
-        return empty, empty, empty
+        return empty, empty
     drop = drop_smallest(values, k)
-    keep = torch.ones(indices.numel(), dtype=torch.bool, device=device)
+    keep = torch.ones(indices.numel(), dtype=torch.bool, device=indices.device)
     keep[drop] = False
     excluded = torch.sort((indices if exclude_dropped else indices[keep]).long()).values
-    choices = grow(excluded, k)
+    return drop, excluded
+
+
+def place_growth(
+    indices: torch.Tensor,
+    drop: torch.Tensor,
+    choices: torch.Tensor,
+    positions_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The second half of ``replace_entries``: given the ``drop`` slots of ``plan_drop`` and the growth ``choices``
+    (positions, or handles ``positions_of`` maps to positions), return ``(slots, new_positions, chosen)``."""
+    device = indices.device
+    if drop.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty, empty
     grown = (positions_of(choices) if positions_of is not None else choices).to(device=device, dtype=torch.long)
     dropped_positions = indices[drop].long()
     regrown = is_member(dropped_positions, grown, assume_sorted=False)

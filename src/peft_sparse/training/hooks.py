@@ -28,7 +28,8 @@ def _owned_values(optimizer: torch.optim.Optimizer) -> list[tuple[Any, str]]:
 
 
 def after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
-    """Tell every sparse layer whose values ``optimizer`` updated that an update happened.
+    """Tell every sparse layer whose values ``optimizer`` updated that an update happened; the reselections due
+    after this update are then finished together (``reselect_together``: SpIEL-MA's growth in one call).
 
     If the values sit with an engine SpIEL cannot follow (FSDP1, DeepSpeed ZeRO), raise instead of training a fixed
     mask silently.
@@ -40,8 +41,13 @@ def after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any = None, kwa
             if hasattr(layer, "after_optimizer_step"):
                 waiting += [(layer, adapter) for adapter in getattr(layer, "_awaiting_update", ())]
     check_engine(optimizer, owned, waiting)
+    due: list = []
     for layer, adapter in owned:
-        layer.after_optimizer_step(adapter, optimizer)
+        layer.after_optimizer_step(adapter, optimizer, due)
+    if due:
+        from ..tuners.spiel.layer import reselect_together  # the tuners import this module
+
+        reselect_together(due, optimizer)
 
 
 def set_total_steps(model: torch.nn.Module, total_steps: int) -> int:

@@ -13,7 +13,7 @@ without ``spiel_age`` (an earlier version) loads with every age set to its ``spi
 from __future__ import annotations
 
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -25,10 +25,12 @@ from ...optim import SM3, sm3_accumulate
 from ...selection import (
     grow_by_accumulated_gradient,
     grow_by_momentum_approximation,
+    grow_by_momentum_approximation_many,
     grow_random,
     in_estimation_phase,
     is_reselection_step,
-    replace_entries,
+    place_growth,
+    plan_drop,
     reselection_count,
     top_gradient_candidates,
 )
@@ -243,11 +245,17 @@ class SpIELLayer(SparseDeltaLayer):
 
     # ----------------------------------------------------------------------------------------- updates
     @torch.no_grad()
-    def after_optimizer_step(self, adapter_name: str, optimizer: torch.optim.Optimizer) -> None:
+    def after_optimizer_step(
+        self,
+        adapter_name: str,
+        optimizer: torch.optim.Optimizer,
+        due: Optional[list["PlannedReselection"]] = None,
+    ) -> None:
         """Account for one optimizer update of ``adapter_name``'s values.
 
         First the update is bias-corrected by each entry's age (torch Adam/AdamW), then the statistics are updated,
-        then entries are reselected if due.
+        then entries are reselected if due: at once, or, given a list ``due``, planned and appended to it for the
+        caller to finish (``reselect_together``).
         """
         config = self.sparse_config[adapter_name]
         values = self.sparse_values[adapter_name]
@@ -282,7 +290,10 @@ class SpIELLayer(SparseDeltaLayer):
             self.spiel_candidate_grad[adapter_name] += pending
             self.spiel_candidate_sq[adapter_name] += pending * pending
         if is_reselection_step(step, config.reselection_steps, config.total_steps, config.accumulation_steps):
-            self.reselect(adapter_name, optimizer, step)
+            if due is None:
+                self.reselect(adapter_name, optimizer, step)
+            else:
+                due.append(self.plan_reselection(adapter_name, step))
 
     def sm3_statistics(self, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """SpIEL-MA's row and column statistics of ``adapter_name`` for ``peft_sparse.SM3`` to use as its
@@ -317,9 +328,14 @@ class SpIELLayer(SparseDeltaLayer):
         estimates of its estimation phase and the entry's age is the number of updates in that phase (as in the
         SpIEL reference code; ``ag_seed_moments``); otherwise the moments are zero and the age 0.
         """
+        return self.plan_reselection(adapter_name, step).finish(optimizer)
+
+    @torch.no_grad()
+    def plan_reselection(self, adapter_name: str, step: int) -> "PlannedReselection":
+        """The first half of ``reselect``: choose the entries to drop after update ``step``; ``finish`` grows and
+        writes. ``reselect_together`` finishes several plans with SpIEL-MA's growth computed in one call."""
         config = self.sparse_config[adapter_name]
-        param, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
-        values = distributed.full_tensor(param)  # the plan needs all values; under FSDP2 only a slice is local
+        values = distributed.full_tensor(self.sparse_values[adapter_name])  # under FSDP2 only a slice is local
         k = reselection_count(
             step,
             values.numel(),
@@ -329,23 +345,24 @@ class SpIELLayer(SparseDeltaLayer):
             config.reselection_schedule,
             accumulation_steps=config.accumulation_steps,
         )
+        plan = PlannedReselection(self, adapter_name, values, k)
         numel = self.weight_numel
-        positions_of = None
-        mean = mean_sq = None
-        updates = 0
         if config.selection == "ag":
             candidates = self.spiel_candidates[adapter_name]
-            updates = max(1, min(config.accumulation_steps, step))
-            mean = self.spiel_candidate_grad[adapter_name] / updates
-            mean_sq = self.spiel_candidate_sq[adapter_name] / updates
+            plan.updates = max(1, min(config.accumulation_steps, step))
+            mean = plan.mean = self.spiel_candidate_grad[adapter_name] / plan.updates
+            plan.mean_sq = self.spiel_candidate_sq[adapter_name] / plan.updates
 
             def grow(excluded, n):
                 return grow_by_accumulated_gradient(candidates, mean, excluded, n)
 
             def positions_of(chosen):
                 return candidates[chosen]
+
+            plan.positions_of = positions_of
         elif config.selection == "ma":
             row, col = self.spiel_row_stats[adapter_name], self.spiel_col_stats[adapter_name]
+            plan.momentum = (row, col)
 
             def grow(excluded, n):
                 return grow_by_momentum_approximation(row, col, excluded, n, config.kernel_backend)
@@ -355,26 +372,94 @@ class SpIELLayer(SparseDeltaLayer):
             def grow(excluded, n):
                 return grow_random(numel, excluded, n, generator)
 
+        plan.grow = grow
         anchor = self.spiel_anchor[adapter_name]
         scores = values.detach().float() - anchor if anchor.numel() else values
-        slots, new_positions, chosen = replace_entries(
-            indices, scores, k, grow, positions_of, exclude_dropped=config.excludes_dropped_from_growth
+        plan.drop, plan.excluded = plan_drop(
+            self.sparse_indices[adapter_name], scores, k, exclude_dropped=config.excludes_dropped_from_growth
         )
+        return plan
+
+    def _write_reselection(
+        self, plan: "PlannedReselection", optimizer: Optional[torch.optim.Optimizer], choices: torch.Tensor
+    ) -> int:
+        adapter_name = plan.adapter_name
+        config = self.sparse_config[adapter_name]
+        param, indices, values = self.sparse_values[adapter_name], self.sparse_indices[adapter_name], plan.values
+        slots, new_positions, chosen = place_growth(indices, plan.drop, choices, plan.positions_of)
         if optimizer is not None:  # during training every rank reselects: all apply rank 0's plan
             slots, new_positions, chosen = distributed.agree_on_plan(slots, new_positions, chosen)
         indices[slots] = new_positions.to(indices.dtype)
         values[slots] = 0  # a gathered copy under FSDP2; write_regrown zeroes the local slice of the parameter
-        seeded = config.ag_seed_moments and mean is not None and mean.numel() > 0
-        self.spiel_age[adapter_name][slots] = updates if seeded else 0
+        seeded = config.ag_seed_moments and plan.mean is not None and plan.mean.numel() > 0
+        self.spiel_age[adapter_name][slots] = plan.updates if seeded else 0
+        anchor = self.spiel_anchor[adapter_name]
         if anchor.numel():
             anchor.copy_(values.detach().float())
         if seeded:
-            distributed.write_regrown(optimizer, param, slots, mean[chosen], mean_sq[chosen], age=updates)
+            distributed.write_regrown(
+                optimizer, param, slots, plan.mean[chosen], plan.mean_sq[chosen], age=plan.updates
+            )
         else:
             distributed.write_regrown(optimizer, param, slots)
         if config.selection == "ag":
             self._clear_candidates(adapter_name)
         return int(slots.numel())
+
+
+class PlannedReselection:
+    """One adapter's reselection between its drop and its growth (``SpIELLayer.plan_reselection``).
+
+    ``drop`` holds the slots to drop and ``excluded`` the sorted positions growth may not choose (both empty when
+    nothing is replaced); ``grow(excluded, k)`` returns the growth choices, ``positions_of`` maps them to positions
+    (SpIEL-AG's candidate handles; None when they are positions); ``momentum`` holds SpIEL-MA's row and column
+    statistics (None for other selections), whose growth ``reselect_together`` computes for many plans at once.
+    """
+
+    def __init__(self, layer: SpIELLayer, adapter_name: str, values: torch.Tensor, k: int) -> None:
+        self.layer, self.adapter_name, self.values, self.k = layer, adapter_name, values, k
+        empty = torch.zeros(0, dtype=torch.long, device=values.device)
+        self.drop, self.excluded = empty, empty
+        self.grow: Callable[[torch.Tensor, int], torch.Tensor] = lambda excluded, n: empty
+        self.positions_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.momentum: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.mean: Optional[torch.Tensor] = None
+        self.mean_sq: Optional[torch.Tensor] = None
+        self.updates = 0
+
+    @property
+    def backend(self) -> str:
+        return self.layer.sparse_config[self.adapter_name].kernel_backend
+
+    @torch.no_grad()
+    def finish(self, optimizer: Optional[torch.optim.Optimizer], choices: Optional[torch.Tensor] = None) -> int:
+        """Grow (``choices``, if given, are the growth choices already computed) and write the new entries, their
+        values, ages and optimizer state; returns how many slots changed."""
+        if choices is None:
+            choices = self.grow(self.excluded, self.k) if self.drop.numel() else self.drop
+        return self.layer._write_reselection(self, optimizer, choices)
+
+
+@torch.no_grad()
+def reselect_together(plans: list[PlannedReselection], optimizer: Optional[torch.optim.Optimizer]) -> list[int]:
+    """Finish ``plans`` in order; the SpIEL-MA growth of all of them on one device and kernel backend is computed
+    by one ``grow_by_momentum_approximation_many`` call (the same positions as one call per plan, with a few host
+    reads per distinct weight shape instead of tens per plan). Returns each plan's count of changed slots."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, plan in enumerate(plans):
+        if plan.momentum is not None and plan.drop.numel():
+            groups.setdefault((str(plan.excluded.device), plan.backend), []).append(i)
+    choices: dict[int, torch.Tensor] = {}
+    for (_, backend), members in groups.items():
+        grown = grow_by_momentum_approximation_many(
+            [plans[i].momentum[0] for i in members],
+            [plans[i].momentum[1] for i in members],
+            [plans[i].excluded for i in members],
+            [plans[i].k for i in members],
+            backend,
+        )
+        choices.update(zip(members, grown))
+    return [plan.finish(optimizer, choices.get(i)) for i, plan in enumerate(plans)]
 
 
 class SpIELLinear(nn.Module, SpIELLayer):
