@@ -7,7 +7,9 @@
 #
 # Steps, each under its own time limit so that the whole stays inside the budget, each writing into OUT:
 #   1. tests: the CUDA tests of the kernels and the hot-path tests            -> OUT/tests.log
-#   2. kernel strategies at Llama-7B shapes, densities 0.3/1/2.3 %             -> OUT/bench_kernels_*.{json,md,png}
+#   2. kernel strategies at Llama-7B shapes, densities 0.3/1/2.3 %, one
+#      reselection and SpIEL-MA growth of 28 projections (Triton and the
+#      threshold search per matrix, and batched)                              -> OUT/bench_kernels_*.{json,md,png}
 #   3. a 2-layer model with Llama-7B layer shapes: LoRA r=64 vs SpIEL-AG/-MA,
 #      one process per method (step time, peak memory)                        -> OUT/train/results.*
 #      and all methods interleaved update by update (step-time ratios)        -> OUT/train/interleaved.*
@@ -22,7 +24,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --small) SMALL=1; shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) OUT="$1"; shift ;;
     esac
 done
@@ -50,7 +52,7 @@ else
     fi
     export TRITON_INTERPRET=1
     TESTS=(tests/kernels/test_hotpath.py)
-    TEST_FILTER="sddmm_strateg or merged or threshold or cuda"
+    TEST_FILTER="sddmm_strateg or merged or threshold or batched or cuda"
     KERNEL_ARGS=(--device cpu --small --densities 0.01,0.1)
     TRAIN_ARGS=(--preset cpu-tiny --methods lora,spiel-ag,spiel-ma --gradient-checkpointing off --steps 4
                 --pretrain-steps 0 --repeats 1 --profile none --base-dir "$OUT/train-base")
