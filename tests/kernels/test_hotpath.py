@@ -526,6 +526,17 @@ def test_topk_outer_product_batched_matches_brute_force():
     assert topk_outer_product_batched([], [], [], []) == []
 
 
+def test_topk_outer_product_batched_scores_in_other_dtypes_and_int32_exclusions():
+    gen = torch.Generator().manual_seed(37)
+    dtypes = [torch.float64, torch.bfloat16, torch.float16]
+    rows = [torch.rand(40, generator=gen).to(dtype) for dtype in dtypes]
+    cols = [torch.rand(50, generator=gen).to(dtype) for dtype in dtypes]
+    excludes = [_indices(2000, 100, torch.int32, seed=38 + m).sort().values for m in range(3)]
+    ks = [30, 400, 1900]
+    for m, positions in enumerate(topk_outer_product_batched(rows, cols, excludes, ks)):
+        assert torch.equal(positions, _topk_brute_force(rows[m], cols[m], excludes[m].long(), ks[m])), dtypes[m]
+
+
 def test_topk_outer_product_batched_searches_and_leaves_only_the_odd_cases_to_the_reference(monkeypatch):
     rows, cols, excludes, ks = _batch(32, [((130, 70), "continuous"), ((33, 65), "heavy"), ((33, 65), "signed")])
     ks = [500, 300, 300]
