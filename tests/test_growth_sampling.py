@@ -109,8 +109,8 @@ def test_sample_ranks_rejects_bad_k():
         sample_ranks(5, 6, torch.Generator())
 
 
-@pytest.mark.parametrize("kind", ["continuous", "ties", "nan"])
-@pytest.mark.parametrize("n,k", [(50, 7), (5_000, 600), (5_000, 4_000)])
+@pytest.mark.parametrize("kind", ["continuous", "ties", "nan", "zeros_and_inf", "bfloat16"])
+@pytest.mark.parametrize("n,k", [(50, 7), (5_000, 600), (5_000, 4_000), (5_000, 5_000)])
 def test_drop_smallest_equals_a_stable_full_sort(kind, n, k):
     gen = torch.Generator().manual_seed(n + k)
     values = torch.randn(n, generator=gen)
@@ -118,7 +118,13 @@ def test_drop_smallest_equals_a_stable_full_sort(kind, n, k):
         values = torch.randint(-3, 4, (n,), generator=gen).float()
     if kind == "nan":
         values[::17] = float("nan")
-    expected = torch.sort(values.abs(), stable=True).indices[:k]
+        values[::23] = -float("nan")
+    if kind == "zeros_and_inf":  # -0.0 and 0.0 tie; infinities before NaN
+        values[::3], values[1::5], values[2::7] = -0.0, 0.0, float("inf")
+        values[::11] = float("nan")
+    if kind == "bfloat16":
+        values = values.bfloat16()
+    expected = torch.sort(values.float().abs(), stable=True).indices[:k]
     assert torch.equal(policies.drop_smallest(values, k), expected)
 
 

@@ -62,21 +62,28 @@ def is_member(sorted_set: torch.Tensor, query: torch.Tensor, assume_sorted: bool
 
 
 def drop_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Slots of the ``k`` entries with the smallest ``|value|`` (changed least), smallest first; ties by slot.
+    """Slots of the ``k`` entries with the smallest ``|value|`` (changed least), smallest first; ties by slot, NaN
+    last: what a stable sort of the magnitudes gives.
 
-    Only the ``k`` dropped entries are sorted: the ``k``-th smallest magnitude is found by selection first.
+    Each entry gets one unique int64 key, its float32 magnitude's bit pattern (which orders non-negative floats; every
+    NaN alike, above infinity) above its slot, and the ``k`` smallest keys are taken: nothing is read back on the
+    host.
     """
-    k = min(k, values.numel())
-    magnitude = values.detach().abs().float()
+    n = values.numel()
+    k = min(k, n)
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=values.device)
-    if 4 * k >= magnitude.numel() or bool(torch.isnan(magnitude).any()):
-        return torch.sort(magnitude, stable=True).indices[:k]
-    kth = torch.kthvalue(magnitude, k).values
-    below = torch.nonzero(magnitude < kth).flatten()
-    ties = torch.nonzero(magnitude == kth).flatten()[: k - below.numel()]  # ascending slots
-    chosen = torch.cat([below, ties]).sort().values  # by slot, so the stable sort keeps slot order among equals
-    return chosen[torch.sort(magnitude[chosen], stable=True).indices]
+    if n > _SLOT_LIMIT:  # slots would not fit under the magnitude in one key
+        return torch.sort(values.detach().abs().float(), stable=True).indices[:k]
+    magnitude = values.detach().abs().float().reshape(-1)
+    bits = torch.where(torch.isnan(magnitude), _NAN_BITS, magnitude.view(torch.int32).long())
+    key = (bits << 32) | torch.arange(n, device=values.device)
+    return torch.topk(key, k, largest=False, sorted=True).values & (_SLOT_LIMIT - 1)
+
+
+# drop_smallest's keys: slots below 2**32, and one bit pattern for every NaN (above +inf's 0x7F800000).
+_SLOT_LIMIT = 1 << 32
+_NAN_BITS = 0x7FC00000
 
 
 # AG candidates: the dense weight gradient is formed this many numbers (or 4 k, if more) at a time.
