@@ -199,6 +199,12 @@ def test_sddmm_timing_keeps_the_fastest_and_its_result():
     best, out = dispatch._time_strategies(["slow", "quick"], run, torch.device("cpu"))
     assert best == "quick" and out.tolist() == [5.0]
     assert calls == ["slow", "slow", "quick", "quick"]
+    # a tuned op times its runners once per key, then runs the kept one alone
+    cache, calls[:] = {}, []
+    runners = {name: (lambda name=name: run(name)) for name in ("slow", "quick")}
+    assert dispatch._run_tuned(cache, ("k",), runners, torch.device("cpu"), "op").tolist() == [5.0]
+    assert dispatch._run_tuned(cache, ("k",), runners, torch.device("cpu"), "op").tolist() == [5.0]
+    assert cache == {("k",): "quick"} and calls == ["slow", "slow", "quick", "quick", "quick"]
 
 
 # ------------------------------------------------------------------------------------------------- merged weight
@@ -614,9 +620,12 @@ def test_topk_outer_product_batched_argument_errors():
 def test_topk_outer_product_many_runs_the_chosen_backend_per_device():
     rows, cols, excludes, ks = _batch(35, [((33, 65), "continuous"), ((130, 70), "heavy"), ((33, 65), "ties")])
     expected = [_topk_brute_force(*args) for args in zip(rows, cols, excludes, ks)]
-    for setting in ("auto", "torch"):
+    settings = ["auto", "torch"]
+    if dispatch.resolve("topk_outer_product", rows[0].device, "triton") is not topk_outer_product_reference:
+        settings.append("triton")  # Triton's interpreter: the kernel, matrix by matrix
+    for setting in settings:
         got = topk_outer_product_many(rows, cols, excludes, ks, setting=setting)
-        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+        assert all(torch.equal(g, e) for g, e in zip(got, expected)), setting
     assert topk_outer_product_many([], [], [], []) == []
 
 
@@ -665,6 +674,20 @@ def test_cuda_topk_outer_product_batched_syncs_per_shape_not_per_matrix():
         assert positions.device.type == "cuda"
         expected = _topk_brute_force(rows[m].cpu(), cols[m].cpu(), excludes[m].cpu(), ks[m])
         assert torch.equal(positions.cpu(), expected), m
+
+
+@needs_cuda
+def test_cuda_topk_outer_product_many_times_both_runners_once_and_keeps_the_faster():
+    device = torch.device("cuda")
+    rows, cols, excludes, _ = _batch(39, [((257, 1031), "heavy"), ((33, 65), "continuous")] * 3, fractions=(0.05,))
+    rows, cols, excludes = ([t.to(device) for t in ts] for ts in (rows, cols, excludes))
+    ks = [4000, 200] * 3
+    expected = [_topk_brute_force(r.cpu(), c.cpu(), e.cpu(), k) for r, c, e, k in zip(rows, cols, excludes, ks)]
+    for _ in range(2):
+        got = topk_outer_product_many(rows, cols, excludes, ks)
+        assert all(torch.equal(g.cpu(), e) for g, e in zip(got, expected))
+    chosen = [v for k, v in dispatch.tuned_topk_strategies().items() if k[0].startswith("cuda")]
+    assert chosen and set(chosen) <= {"batched", "per_matrix"}
 
 
 @needs_cuda

@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -216,13 +218,8 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int, s
     key = (
         str(a.device), a.dtype, a.shape[1], ncols, _bucket(indices.numel()), _bucket(a.shape[0]), tuple(candidates)
     )
-    chosen = _sddmm_tuned.get(key)
-    if chosen is not None:
-        return _run_sddmm_strategy(chosen, a, b, indices, ncols)
-    chosen, out = _time_strategies(candidates, lambda n: _run_sddmm_strategy(n, a, b, indices, ncols), a.device)
-    _sddmm_tuned[key] = chosen
-    logger.info("peft_sparse: sddmm %s for key %s", chosen, key)
-    return out
+    runners = {name: (lambda name=name: _run_sddmm_strategy(name, a, b, indices, ncols)) for name in candidates}
+    return _run_tuned(_sddmm_tuned, key, runners, a.device, "sddmm")
 
 
 def tuned_sddmm_strategies() -> dict[tuple, str]:
@@ -264,13 +261,45 @@ def topk_outer_product_many(
     ks: Sequence[int],
     setting: str = "auto",
 ) -> list[torch.Tensor]:
-    """``topk_outer_product`` of several matrices (element ``m`` of each sequence is one call's arguments), on the
-    backend chosen for their device: the PyTorch backend searches them together (``topk_outer_product_batched``:
-    a few host reads per distinct shape instead of tens per matrix), another backend runs them one by one. All
-    tensors must be on one device."""
+    """``topk_outer_product`` of several matrices (element ``m`` of each sequence is one call's arguments; all
+    tensors on one device). The PyTorch backend searches them together (``topk_outer_product_batched``: a few host
+    reads per distinct shape instead of about ten per matrix); ``kernel_backend="triton"`` runs the Triton kernel
+    matrix by matrix. With ``"auto"`` on CUDA, where both run, they are timed once per set of shapes (and total
+    ``k``, to a power of two) and the faster is kept, as ``sddmm`` does: both return the same positions."""
     if not row_scores:
         return []
-    fn = resolve("topk_outer_product", row_scores[0].device, setting)
+    device = row_scores[0].device
+    fn = resolve("topk_outer_product", device, setting)
+    args = list(zip(row_scores, col_scores, exclude_sorted, ks))
+    runners = {
+        "batched": lambda: topk_outer_product_batched(row_scores, col_scores, exclude_sorted, ks),
+        "per_matrix": lambda: [fn(*call) for call in args],
+    }
     if fn is topk_outer_product_reference:
-        return topk_outer_product_batched(row_scores, col_scores, exclude_sorted, ks)
-    return [fn(*args) for args in zip(row_scores, col_scores, exclude_sorted, ks)]
+        return runners["batched"]()
+    if requested_backend(setting) == "triton" or device.type != "cuda":
+        return runners["per_matrix"]()
+    shapes = Counter((r.numel(), c.numel()) for r, c in zip(row_scores, col_scores))
+    key = (str(device), tuple(sorted(shapes.items())), _bucket(sum(ks)))
+    return _run_tuned(_topk_tuned, key, runners, device, "topk_outer_product_many")
+
+
+_topk_tuned: dict[tuple, str] = {}
+
+
+def _run_tuned(cache: dict, key: tuple, runners: dict[str, Callable[[], Any]], device: torch.device, op: str) -> Any:
+    """The result of ``runners[cache[key]]()``; when ``key`` is new, time every runner once (``_time_strategies``),
+    remember the fastest under ``key`` and return its result."""
+    chosen = cache.get(key)
+    if chosen is not None:
+        return runners[chosen]()
+    chosen, out = _time_strategies(list(runners), lambda name: runners[name](), device)
+    cache[key] = chosen
+    logger.info("peft_sparse: %s %s for key %s", op, chosen, key)
+    return out
+
+
+def tuned_topk_strategies() -> dict[tuple, str]:
+    """The ``topk_outer_product_many`` runners chosen by timing so far (a copy), keyed by (device, shapes and their
+    counts, total k bucket)."""
+    return dict(_topk_tuned)
