@@ -186,13 +186,22 @@ def test_ma_growth_of_every_layer_is_one_call_and_each_equals_its_dense_top_k(mo
 
 
 def test_reselecting_together_equals_reselecting_layer_by_layer(monkeypatch):
-    """Several reselections (every entry, then 20 %, decaying) of MA, AG and random layers: finishing them together
-    leaves exactly the state that one ``reselect`` per layer leaves."""
+    """Several reselections (every entry, then 20 %, decaying) of MA, AG and random layers: reselecting together
+    (SpIEL-MA's growth in groups, here of at most about two deltas) leaves exactly the state that one ``reselect``
+    per layer leaves."""
     import peft_sparse.tuners.spiel.layer as layer_module
 
     def train(selection, together):
-        if not together:
-            monkeypatch.setattr(layer_module, "reselect_together", lambda plans, opt: [p.finish(opt) for p in plans])
+        if together:
+            budget = 2 * int(0.05 * 32 * 32)  # about two q_proj-sized deltas per group
+            monkeypatch.setattr(layer_module, "RESELECT_TOGETHER_ENTRIES", budget)
+            grow = layer_module.grow_by_momentum_approximation_many
+            spy = lambda *args: calls.append(len(args[0])) or grow(*args)  # noqa: E731
+            monkeypatch.setattr(layer_module, "grow_by_momentum_approximation_many", spy)
+        else:
+            monkeypatch.setattr(
+                layer_module, "reselect_together", lambda due, opt: [layer.reselect(a, opt, s) for layer, a, s in due]
+            )
         config = SpIELConfig(
             target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
             density=0.05,
@@ -207,7 +216,10 @@ def test_reselecting_together_equals_reselecting_layer_by_layer(monkeypatch):
         return {k: v.clone() for k, v in model.state_dict().items() if "spiel_" in k}
 
     for selection in ("ma", "ag", "random"):
+        calls = []
         together, apart = train(selection, True), train(selection, False)
+        if selection == "ma":  # reselections after updates 2, 5, 8 and 11 of all 8 deltas, each in several groups
+            assert sum(calls) == 4 * 8 and len(calls) > 4 and max(calls) < 8, calls
         assert together.keys() == apart.keys()
         for key in together:
             assert torch.equal(together[key], apart[key]), (selection, key)

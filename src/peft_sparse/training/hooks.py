@@ -28,8 +28,8 @@ def _owned_values(optimizer: torch.optim.Optimizer) -> list[tuple[Any, str]]:
 
 
 def after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
-    """Tell every sparse layer whose values ``optimizer`` updated that an update happened; the reselections due
-    after this update are then finished together (``reselect_together``: SpIEL-MA's growth in one call).
+    """Tell every sparse layer whose values ``optimizer`` updated that an update happened; the SpIEL-MA
+    reselections due after this update then run together (``reselect_together``: their growth in one call).
 
     If the values sit with an engine SpIEL cannot follow (FSDP1, DeepSpeed ZeRO), raise instead of training a fixed
     mask silently.

@@ -249,13 +249,13 @@ class SpIELLayer(SparseDeltaLayer):
         self,
         adapter_name: str,
         optimizer: torch.optim.Optimizer,
-        due: Optional[list["PlannedReselection"]] = None,
+        due: Optional[list[tuple["SpIELLayer", str, int]]] = None,
     ) -> None:
         """Account for one optimizer update of ``adapter_name``'s values.
 
         First the update is bias-corrected by each entry's age (torch Adam/AdamW), then the statistics are updated,
-        then entries are reselected if due: at once, or, given a list ``due``, planned and appended to it for the
-        caller to finish (``reselect_together``).
+        then entries are reselected if due: at once, or, for SpIEL-MA given a list ``due``, by appending
+        ``(self, adapter_name, step)`` to it for the caller to reselect with others (``reselect_together``).
         """
         config = self.sparse_config[adapter_name]
         values = self.sparse_values[adapter_name]
@@ -290,10 +290,10 @@ class SpIELLayer(SparseDeltaLayer):
             self.spiel_candidate_grad[adapter_name] += pending
             self.spiel_candidate_sq[adapter_name] += pending * pending
         if is_reselection_step(step, config.reselection_steps, config.total_steps, config.accumulation_steps):
-            if due is None:
-                self.reselect(adapter_name, optimizer, step)
+            if due is not None and config.selection == "ma":
+                due.append((self, adapter_name, step))
             else:
-                due.append(self.plan_reselection(adapter_name, step))
+                self.reselect(adapter_name, optimizer, step)
 
     def sm3_statistics(self, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """SpIEL-MA's row and column statistics of ``adapter_name`` for ``peft_sparse.SM3`` to use as its
@@ -333,7 +333,7 @@ class SpIELLayer(SparseDeltaLayer):
     @torch.no_grad()
     def plan_reselection(self, adapter_name: str, step: int) -> "PlannedReselection":
         """The first half of ``reselect``: choose the entries to drop after update ``step``; ``finish`` grows and
-        writes. ``reselect_together`` finishes several plans with SpIEL-MA's growth computed in one call."""
+        writes. ``reselect_together`` plans several adapters and computes their SpIEL-MA growth in one call."""
         config = self.sparse_config[adapter_name]
         values = distributed.full_tensor(self.sparse_values[adapter_name])  # under FSDP2 only a slice is local
         k = reselection_count(
@@ -440,11 +440,38 @@ class PlannedReselection:
         return self.layer._write_reselection(self, optimizer, choices)
 
 
+# reselect_together plans and grows at most about this many entries at a time: the kept positions (int64) and their
+# exact scores (float64) of every delta in a group are held together.
+RESELECT_TOGETHER_ENTRIES = 1 << 24
+
+
 @torch.no_grad()
-def reselect_together(plans: list[PlannedReselection], optimizer: Optional[torch.optim.Optimizer]) -> list[int]:
-    """Finish ``plans`` in order; the SpIEL-MA growth of all of them on one device and kernel backend is computed
-    by one ``grow_by_momentum_approximation_many`` call (the same positions as one call per plan, with a few host
-    reads per distinct weight shape instead of tens per plan). Returns each plan's count of changed slots."""
+def reselect_together(
+    due: list[tuple[SpIELLayer, str, int]],
+    optimizer: Optional[torch.optim.Optimizer],
+    max_entries: Optional[int] = None,
+) -> list[int]:
+    """``layer.reselect(adapter_name, optimizer, step)`` for every ``(layer, adapter_name, step)`` of ``due``, in
+    order, with the SpIEL-MA growth of each group of adapters on one device and kernel backend computed by one
+    ``grow_by_momentum_approximation_many`` call (the same positions as one call per adapter, with a few host reads
+    per distinct weight shape instead of about ten per adapter). Groups hold at most about ``max_entries`` entries
+    (a group's drop plans live until its growth is done; default ``RESELECT_TOGETHER_ENTRIES``). Returns each
+    adapter's count of changed slots."""
+    max_entries = RESELECT_TOGETHER_ENTRIES if max_entries is None else max_entries
+    changed: list[int] = []
+    group: list[tuple[SpIELLayer, str, int]] = []
+    entries = 0
+    for item in due:
+        group.append(item)
+        entries += item[0].sparse_values[item[1]].numel()
+        if entries >= max_entries:
+            changed += _reselect_group(group, optimizer)
+            group, entries = [], 0
+    return changed + _reselect_group(group, optimizer)
+
+
+def _reselect_group(due: list[tuple[SpIELLayer, str, int]], optimizer: Optional[torch.optim.Optimizer]) -> list[int]:
+    plans = [layer.plan_reselection(adapter_name, step) for layer, adapter_name, step in due]
     groups: dict[tuple[str, str], list[int]] = {}
     for i, plan in enumerate(plans):
         if plan.momentum is not None and plan.drop.numel():
