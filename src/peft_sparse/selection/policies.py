@@ -75,10 +75,10 @@ def drop_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long, device=values.device)
     if n > _SLOT_LIMIT:  # slots would not fit under the magnitude in one key
         return torch.sort(values.detach().abs().float(), stable=True).indices[:k]
-    magnitude = values.detach().abs().float().reshape(-1)
-    bits = torch.where(torch.isnan(magnitude), _NAN_BITS, magnitude.view(torch.int32).long())
-    key = (bits << 32) | torch.arange(n, device=values.device)
-    return torch.topk(key, k, largest=False, sorted=True).values & (_SLOT_LIMIT - 1)
+    magnitude = values.detach().float().abs().reshape(-1)
+    key = magnitude.view(torch.int32).long().masked_fill_(torch.isnan(magnitude), _NAN_BITS)
+    key.bitwise_left_shift_(32).bitwise_or_(torch.arange(n, device=values.device))
+    return torch.topk(key, k, largest=False, sorted=True).values.bitwise_and_(_SLOT_LIMIT - 1)
 
 
 # drop_smallest's keys: slots below 2**32, and one bit pattern for every NaN (above +inf's 0x7F800000).
