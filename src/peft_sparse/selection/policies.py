@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..kernels import topk_outer_product, topk_outer_product_many
+from ..kernels import topk_outer_product_many
 from ..kernels.sddmm import mm_float32
 
 # is_member answers queries of non-negative positions through a bool table of this many entries at most, when the
@@ -185,8 +185,7 @@ def grow_by_momentum_approximation(
 ) -> torch.Tensor:
     """SpIEL-MA growth: the ``k`` non-excluded positions with the largest ``row_stats[o] * col_stats[i]`` (the rank
     of ``(r[o] c[i]) ** 0.25``), without forming the ``rows x cols`` score matrix."""
-    available = row_stats.numel() * col_stats.numel() - excluded_sorted.numel()
-    return topk_outer_product(row_stats.float(), col_stats.float(), excluded_sorted, min(k, available), backend)
+    return grow_by_momentum_approximation_many([row_stats], [col_stats], [excluded_sorted], [k], backend)[0]
 
 
 def grow_by_momentum_approximation_many(

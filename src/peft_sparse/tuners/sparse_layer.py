@@ -57,11 +57,7 @@ def mark_delta_values(values: torch.Tensor) -> None:
     DELTA_VALUES.add(values)
 
 
-def _release_before_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
-    module.release_held_merge()
-
-
-def _release_before_load(module: nn.Module, *args: Any) -> None:
+def _release_held_merge_hook(module: nn.Module, *args: Any) -> None:
     module.release_held_merge()
 
 
@@ -103,8 +99,8 @@ class SparseDeltaLayer(BaseTunerLayer):
         self._awaiting_update: set[str] = set()
         register_layer(self)
         # a delta held merged in W for a backward is undone before W is saved or loaded
-        self.register_state_dict_pre_hook(_release_before_state_dict)
-        self.register_load_state_dict_pre_hook(_release_before_load)
+        self.register_state_dict_pre_hook(_release_held_merge_hook)
+        self.register_load_state_dict_pre_hook(_release_held_merge_hook)
 
     def release_held_merge(self) -> None:
         """Undo a delta that a forward of this layer left merged in the base weight for its backward, if any."""
@@ -269,7 +265,7 @@ class SparseDeltaLayer(BaseTunerLayer):
     def base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer alone, after undoing a delta that a forward left merged in its weight for the backward
         (``peft_sparse.sparse_linear``)."""
-        release_held_merge(getattr(self.get_base_layer(), "weight", None))
+        self.release_held_merge()
         return self.base_layer(x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -13,6 +13,7 @@ without ``spiel_age`` (an earlier version) loads with every age set to its ``spi
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -345,24 +346,22 @@ class SpIELLayer(SparseDeltaLayer):
             config.reselection_schedule,
             accumulation_steps=config.accumulation_steps,
         )
-        plan = PlannedReselection(self, adapter_name, values, k)
         numel = self.weight_numel
+        positions_of = momentum = mean = mean_sq = None
+        updates = 0
         if config.selection == "ag":
             candidates = self.spiel_candidates[adapter_name]
-            plan.updates = max(1, min(config.accumulation_steps, step))
-            mean = plan.mean = self.spiel_candidate_grad[adapter_name] / plan.updates
-            plan.mean_sq = self.spiel_candidate_sq[adapter_name] / plan.updates
+            updates = max(1, min(config.accumulation_steps, step))
+            mean = self.spiel_candidate_grad[adapter_name] / updates
+            mean_sq = self.spiel_candidate_sq[adapter_name] / updates
 
             def grow(excluded, n):
                 return grow_by_accumulated_gradient(candidates, mean, excluded, n)
 
             def positions_of(chosen):
                 return candidates[chosen]
-
-            plan.positions_of = positions_of
         elif config.selection == "ma":
-            row, col = self.spiel_row_stats[adapter_name], self.spiel_col_stats[adapter_name]
-            plan.momentum = (row, col)
+            row, col = momentum = self.spiel_row_stats[adapter_name], self.spiel_col_stats[adapter_name]
 
             def grow(excluded, n):
                 return grow_by_momentum_approximation(row, col, excluded, n, config.kernel_backend)
@@ -372,13 +371,14 @@ class SpIELLayer(SparseDeltaLayer):
             def grow(excluded, n):
                 return grow_random(numel, excluded, n, generator)
 
-        plan.grow = grow
         anchor = self.spiel_anchor[adapter_name]
         scores = values.detach().float() - anchor if anchor.numel() else values
-        plan.drop, plan.excluded = plan_drop(
+        drop, excluded = plan_drop(
             self.sparse_indices[adapter_name], scores, k, exclude_dropped=config.excludes_dropped_from_growth
         )
-        return plan
+        return PlannedReselection(
+            self, adapter_name, values, k, drop, excluded, grow, positions_of, momentum, mean, mean_sq, updates
+        )
 
     def _write_reselection(
         self, plan: "PlannedReselection", optimizer: Optional[torch.optim.Optimizer], choices: torch.Tensor
@@ -407,25 +407,29 @@ class SpIELLayer(SparseDeltaLayer):
         return int(slots.numel())
 
 
+@dataclass
 class PlannedReselection:
     """One adapter's reselection between its drop and its growth (``SpIELLayer.plan_reselection``).
 
     ``drop`` holds the slots to drop and ``excluded`` the sorted positions growth may not choose (both empty when
     nothing is replaced); ``grow(excluded, k)`` returns the growth choices, ``positions_of`` maps them to positions
     (SpIEL-AG's candidate handles; None when they are positions); ``momentum`` holds SpIEL-MA's row and column
-    statistics (None for other selections), whose growth ``reselect_together`` computes for many plans at once.
+    statistics (None for other selections), whose growth ``reselect_together`` computes for many plans at once;
+    ``mean``/``mean_sq`` are SpIEL-AG's gradient estimates over ``updates`` updates (None otherwise).
     """
 
-    def __init__(self, layer: SpIELLayer, adapter_name: str, values: torch.Tensor, k: int) -> None:
-        self.layer, self.adapter_name, self.values, self.k = layer, adapter_name, values, k
-        empty = torch.zeros(0, dtype=torch.long, device=values.device)
-        self.drop, self.excluded = empty, empty
-        self.grow: Callable[[torch.Tensor, int], torch.Tensor] = lambda excluded, n: empty
-        self.positions_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        self.momentum: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        self.mean: Optional[torch.Tensor] = None
-        self.mean_sq: Optional[torch.Tensor] = None
-        self.updates = 0
+    layer: SpIELLayer
+    adapter_name: str
+    values: torch.Tensor
+    k: int
+    drop: torch.Tensor
+    excluded: torch.Tensor
+    grow: Callable[[torch.Tensor, int], torch.Tensor]
+    positions_of: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    momentum: Optional[tuple[torch.Tensor, torch.Tensor]]
+    mean: Optional[torch.Tensor]
+    mean_sq: Optional[torch.Tensor]
+    updates: int
 
     @property
     def backend(self) -> str:
