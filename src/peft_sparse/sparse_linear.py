@@ -10,9 +10,11 @@ CPU, the merge made for the forward product is *held* until the backward has run
 (``dx = dy @ W_eff``), so an update merges and restores once instead of twice (on a GPU, where the check below would
 read a result on the host once per layer, the merge is made per product). The hold is checked before the backward
 uses it (the values and indices unchanged, and ``W`` still holding the merged entries, which a sharding engine that
-gathers ``W`` again for the backward does not) and is undone by that backward, when its autograd graph is freed,
-before the layer runs without its delta (adapters disabled, merging, unloading, ``state_dict``) or by
-``release_held_merges``. Between a forward and its backward, code that reads ``W`` directly sees ``W + delta``.
+gathers ``W`` again for the backward does not: it restores every entry at once, so the check compares up to
+``HOLD_CHECK_ENTRIES`` entries spread over those the merge changed) and is undone by that backward, when its
+autograd graph is freed, before the layer runs without its delta (adapters disabled, merging, unloading,
+``state_dict``) or by ``release_held_merges``. Between a forward and its backward, code that reads ``W`` directly
+sees ``W + delta``.
 
 ``PEFT_SPARSE_INPLACE_MERGE`` chooses: ``hold`` (the default; ``1`` means the same), ``product`` (merge for each
 product and restore right after it, so ``W`` is unmerged whenever no product runs) or ``0`` (a fresh ``W + delta``
@@ -75,15 +77,34 @@ def _merged_entries(originals: torch.Tensor, values: torch.Tensor, order: Sorted
 
 def _merge_in_place(
     flat: torch.Tensor, values: torch.Tensor, order: SortedPositions, out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Add the delta into ``flat`` at ``order.sorted``; return the entries it overwrote (in ``out`` if given)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the delta into ``flat`` at ``order.sorted``; return the entries it overwrote (in ``out`` if given) and
+    the ones it wrote, both in row-major order."""
     # row-major order: the gathers and writes walk W forwards
     if out is None:
         originals = flat.index_select(0, order.sorted)
     else:
         originals = torch.index_select(flat, 0, order.sorted, out=out)
-    flat.index_copy_(0, order.sorted, _merged_entries(originals, values, order))
-    return originals
+    merged = _merged_entries(originals, values, order)
+    flat.index_copy_(0, order.sorted, merged)
+    return originals, merged
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits as integers of its width (bitwise comparisons: NaN equals the same NaN, -0 differs from 0)."""
+    return t.view(_INT_OF_SIZE[t.element_size()])
+
+
+# How many entries a hold compares to tell whether W still holds its merge (see _HeldMerge.intact)
+HOLD_CHECK_ENTRIES = 32
+
+
+def _spread(n: int, device: torch.device) -> torch.Tensor:
+    """Up to ``HOLD_CHECK_ENTRIES`` indices into ``range(n)`` spread evenly, first and last included."""
+    return torch.linspace(0, n - 1, min(n, HOLD_CHECK_ENTRIES), device=device).round().long()
 
 
 # id(weight) -> (weak reference to the weight, buffer): where a merge held in that weight keeps the entries it
@@ -107,13 +128,22 @@ def _originals_buffer(weight: torch.Tensor, numel: int) -> torch.Tensor:
 class _HeldMerge:
     """A delta merged into ``W`` by a forward and left there for the backward products that need it."""
 
-    def __init__(self, weight, indices, values, order, originals) -> None:
+    def __init__(self, weight, indices, values, order, originals, merged) -> None:
         key = id(weight)
         self.weight = weakref.ref(weight, lambda _ref: _forget_hold(key, self))
         self.indices, self.values = indices, values
         self.versions = (indices._version, values._version)
         self.order, self.originals = order, originals
         self.users = 0
+        # the entries intact() compares: up to HOLD_CHECK_ENTRIES spread evenly over all; if the merge left one of
+        # them as it was (a zero value), which would tell nothing, spread over those it changed instead
+        merged_bits, original_bits = _bits(merged), _bits(originals)
+        slots = _spread(merged.numel(), merged.device)
+        if not bool((merged_bits.index_select(0, slots) != original_bits.index_select(0, slots)).all()):
+            changed = (merged_bits != original_bits).nonzero().squeeze(1)
+            slots = changed.index_select(0, _spread(changed.numel(), changed.device))
+        self.check_positions = order.sorted.index_select(0, slots)
+        self.check_bits = merged_bits.index_select(0, slots)
 
     def matches(self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> bool:
         """True if this is the merge of ``indices``/``values`` (unchanged since) into ``weight``."""
@@ -139,12 +169,13 @@ class _HeldMerge:
         return weight.data.view(-1)
 
     def intact(self) -> bool:
-        """True if ``W`` still holds exactly the merged entries (an engine that gathers ``W`` again does not)."""
+        """True if ``W`` still holds the merge: an engine that gathers ``W`` again (unmerged) replaces all of it, so
+        comparing a few of the entries the merge changed tells, bit for bit, without reading all K (when it changed
+        none, a merged and an unmerged ``W`` are the same)."""
         flat = self._flat()
         if flat is None:
             return False
-        merged = _merged_entries(self.originals, self.values, self.order)
-        return torch.equal(flat.index_select(0, self.order.sorted), merged)
+        return torch.equal(_bits(flat.index_select(0, self.check_positions)), self.check_bits)
 
     def undo(self) -> None:
         """Write the original entries back (a no-op on entries a re-gathered ``W`` already has unmerged)."""
@@ -244,8 +275,8 @@ def _hold_merged(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tens
         if hold is None:
             order = sorted_positions(indices, *weight.shape)
             flat = weight.data.view(-1)
-            originals = _merge_in_place(flat, values, order, _originals_buffer(weight, order.sorted.numel()))
-            hold = _HeldMerge(weight, indices, values, order, originals)
+            buffer = _originals_buffer(weight, order.sorted.numel())
+            hold = _HeldMerge(weight, indices, values, order, *_merge_in_place(flat, values, order, buffer))
             _HOLDS[id(weight)] = hold
         hold.users += 1
         return _HoldUse(hold)
@@ -274,7 +305,7 @@ def merged_weight(
         return
     flat = weight.data.view(-1)  # .data: the merge is undone before anything else reads W, as in merge_exact
     order = sorted_positions(indices, *weight.shape)  # cached per indices tensor
-    originals = _merge_in_place(flat, values, order)
+    originals, _ = _merge_in_place(flat, values, order)
     try:
         yield weight.detach()
     finally:

@@ -391,6 +391,36 @@ def test_backward_merges_again_when_w_was_gathered_again():
     assert torch.equal(layer.weight, original)
 
 
+@pytest.mark.parametrize("zeros", ["none", "some", "all"])
+def test_hold_checks_a_spread_of_the_changed_entries(zeros):
+    # 600 entries, none, a third or all of them zero: the hold compares 32 entries spread over those the merge
+    # changed, first and last included, and still sees W gathered again; with nothing changed it compares nothing
+    # (both W are the same)
+    layer, original, idx, values, x, _ = _hold_case(seed=40, rows=40, cols=50, k=600)
+    with torch.no_grad():
+        values[::3] = 0.0 if zeros != "none" else values[::3]
+        if zeros == "all":
+            values.zero_()
+    out = sparse_delta_linear(x, DenseBaseWeight(layer), layer.bias, idx, values)
+    hold = sparse_linear._current_hold(layer.weight)
+    changed = torch.sort(idx[values.detach() != 0]).values
+    if zeros == "all":
+        assert hold.check_positions.numel() == 0 and hold.intact()
+    else:
+        assert hold.check_positions.numel() == sparse_linear.HOLD_CHECK_ENTRIES
+        assert set(hold.check_positions.tolist()) <= set(changed.tolist())
+        assert hold.check_positions[0] == changed[0] and hold.check_positions[-1] == changed[-1]
+        flat = layer.weight.detach().view(-1)
+        assert torch.equal(hold.check_bits, flat[hold.check_positions].view(torch.int32))
+    layer.weight.data.copy_(original)  # gathered again, unmerged
+    assert hold.intact() == (zeros == "all")
+    out.sum().backward()
+    _, x_grad, values_grad = _dense_grads(x, original, layer.bias, (idx, values.detach()), torch.ones(out.shape))
+    torch.testing.assert_close(x.grad.double(), x_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad.double(), values_grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.weight, original)
+
+
 def test_a_freed_weight_storage_is_not_touched_and_the_backward_merges_again():
     # FSDP2 frees a resharded weight's storage (0 bytes, same shape) and re-allocates it for the backward
     layer, original, idx, values, x, _ = _hold_case()
