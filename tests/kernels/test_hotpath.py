@@ -122,11 +122,45 @@ def test_transposed_copy_is_not_kept_past_its_activation():
     x, dy = torch.randn(8, 30), torch.randn(8, 12)
     copy = sddmm_module.token_major_operand(x[:, :])
     dy_copy = sddmm_module.token_major_operand(dy, role="a")
-    assert sddmm_module._token_major["b"][2] is copy and sddmm_module._token_major["a"][2] is dy_copy
+    assert sddmm_module._token_major["b"][2] == (copy,) and sddmm_module._token_major["a"][2] == (dy_copy,)
     del x
-    assert "b" not in sddmm_module._token_major and sddmm_module._token_major["a"][2] is dy_copy
+    assert "b" not in sddmm_module._token_major and sddmm_module._token_major["a"][2] == (dy_copy,)
     del dy
     assert not sddmm_module._token_major
+
+
+def test_token_major_chunks_are_runs_of_the_transpose():
+    x = torch.randn(23, 7)[:, :6]  # not contiguous
+    chunks = sddmm_module.token_major_chunks(x, 5, role="test")
+    assert [tuple(c.shape) for c in chunks] == [(6, 5)] * 4 + [(6, 3)]
+    assert all(c.is_contiguous() for c in chunks)
+    assert torch.equal(torch.cat(chunks, dim=1), x.T)
+    assert sddmm_module.token_major_chunks(x, 5, role="test") is chunks
+    assert sddmm_module.token_major_chunks(x, 23, role="test")[0].equal(x.T)
+    assert [tuple(c.shape) for c in sddmm_module.token_major_chunks(torch.randn(0, 4), 8, role="test")] == [(4, 0)]
+    assert sddmm_module.token_major_chunks(x.double(), 5, torch.float64, "test")[0].dtype == torch.float64
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"chunk must be a positive int, got {bad!r}"):
+            sddmm_module.token_major_chunks(x, bad, role="test")
+    sddmm_module.clear_token_major_cache()
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 5, 16, 33])
+def test_csr_in_runs_of_tokens_matches_dense_truth(monkeypatch, tokens):
+    # runs of 5 tokens: one shorter, one exact, several with a shorter last one
+    monkeypatch.setattr(sddmm_module, "CSR_CPU_TOKEN_CHUNK", 5)
+    made = []
+    original = torch.sparse.sampled_addmm
+
+    def counting(*args, **kwargs):
+        made.append(args[1].shape[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", counting)
+    dy, x = _operands(tokens, 9, 20, seed=tokens)
+    idx = _indices(9 * 20, 40, seed=3)
+    torch.testing.assert_close(sddmm_csr(dy, x, idx, 20).double(), _dense_truth(dy, x, idx), rtol=1e-5, atol=1e-5)
+    assert made == [min(5, tokens - s) for s in range(0, tokens, 5)]
 
 
 def test_csr_transposes_the_output_gradient_once_for_values_and_candidates(monkeypatch):

@@ -39,8 +39,10 @@ SDDMM_STRATEGIES = ("auto", "csr", "dense", "gather", "triton", "triton_sorted")
 SDDMM_ENV_VAR = "PEFT_SPARSE_SDDMM_STRATEGY"
 # CPU: below this density (K / (rows * cols)) ``csr`` wins, above it ``dense``. Measured with
 # benchmarks/bench_kernels.py (one thread, [2816, 1024] and Llama-7B shapes, 512-4096 tokens): csr is 3-5x faster at
-# 0.3-2.3 %, about even at 10 %.
-CPU_CSR_MAX_DENSITY = 0.08
+# 0.3-2.3 %. With csr's products in runs of tokens (sddmm.CSR_CPU_TOKEN_CHUNK), at 512 tokens, best of 5 with caches
+# flushed: csr 1.3-2.6x faster at 4 %, about even at 12 % at [2816, 1024] and [1024, 2816] (34.0 vs 33.6 and 25.1 vs
+# 24.7 ms) and at 16 % at [4096, 4096] (225 vs 215 ms).
+CPU_CSR_MAX_DENSITY = 0.12
 
 # op name -> (reference, triton implementation or None)
 _OPS: dict[str, tuple[Callable, Callable | None]] = {
