@@ -455,6 +455,25 @@ def test_hold_checks_a_spread_of_the_changed_entries(zeros):
     assert torch.equal(layer.weight, original)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_hold_check_compares_bits_of_other_weight_dtypes(dtype):
+    layer, original, idx, values, x, _ = _hold_case(seed=41, rows=40, cols=50, k=600)
+    layer.to(dtype)
+    original = layer.weight.detach().clone()
+    with torch.no_grad():
+        values.data = values.data.to(dtype)
+    out = sparse_delta_linear(x.detach().to(dtype).requires_grad_(True), DenseBaseWeight(layer), None, idx, values)
+    hold = sparse_linear._current_hold(layer.weight)
+    assert hold is not None and hold.check_positions.numel() == sparse_linear.HOLD_CHECK_ENTRIES
+    flat = layer.weight.detach().view(-1)
+    assert torch.equal(hold.check_bits, sparse_linear._bits(flat[hold.check_positions]))
+    assert hold.intact()
+    layer.weight.data.copy_(original)  # gathered again, unmerged
+    assert not hold.intact()
+    del out
+    assert torch.equal(layer.weight, original)
+
+
 def test_a_freed_weight_storage_is_not_touched_and_the_backward_merges_again():
     # FSDP2 frees a resharded weight's storage (0 bytes, same shape) and re-allocates it for the backward
     layer, original, idx, values, x, _ = _hold_case()
