@@ -90,6 +90,8 @@ MERGE_MODES = ("hold", "product", "0")
 def base_method(method: str) -> str:
     """``spiel-ma`` for ``spiel-ma@product``: the method without its merge mode."""
     return method.partition("@")[0]
+
+
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The corpus is cut at a paragraph boundary: the first PRETRAIN_FRACTION pre-trains the base densely; of the
 # paragraphs after it, every HELD_OUT_EVERY-th is held out and the rest is the fine-tuning data (same topics).
@@ -851,6 +853,7 @@ def run_job(job: dict) -> dict:
         "train_seconds": round(train_seconds, 2),
         "loss_curve": phase["losses"],
         "profile_top_ops": phase["top_ops"],
+        "profiled": profile,
         "delta_structure": delta_structure(model),
         **record,
     }
@@ -995,7 +998,7 @@ def main(argv: list[str] | None = None) -> int:
                             record["step_time_s_mean_at_min_fraction"] = at_limit[0]["step_time_s_mean"]
                     runs.setdefault((gc, method), []).append(record)
                     print("    " + summary_line(record))
-    records = [merge_repeats(rs) for rs in runs.values()]
+    records = [merge_repeats(rs, profiled_first=bool(settings["profile"])) for rs in runs.values()]
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_description(records),
@@ -1032,8 +1035,13 @@ def run_interleaved(args: argparse.Namespace, settings: dict) -> int:
     state = {}
     for method in methods:
         job = dict(
-            settings, method=base_method(method), preset=args.preset, gradient_checkpointing=gc,
-            lr=settings["lrs"][base_method(method)], base_dir=str(args.base_dir), seed=args.seed,
+            settings,
+            method=base_method(method),
+            preset=args.preset,
+            gradient_checkpointing=gc,
+            lr=settings["lrs"][base_method(method)],
+            base_dir=str(args.base_dir),
+            seed=args.seed,
         )
         torch.manual_seed(args.seed)
         model, make_optimizer = wrap_model(load_model(job), job)
@@ -1056,7 +1064,7 @@ def run_interleaved(args: argparse.Namespace, settings: dict) -> int:
     loads = []
     started = time.perf_counter()
     for step, ids in enumerate(batches):
-        order = methods[step % len(methods):] + methods[: step % len(methods)]
+        order = methods[step % len(methods) :] + methods[: step % len(methods)]
         for method in order:
             model, optimizer, scheduler, params = state[method]
             set_merge_mode(method.partition("@")[2] or default_merge_mode)
@@ -1158,8 +1166,11 @@ def interleaved_markdown(result: dict) -> str:
             "|---|---|---|---|",
         ]
         for variant in variants:
-            pairs = zip(result["methods"][variant]["cpu_times_s"][warm:], result["methods"][base_method(variant)]
-                        ["cpu_times_s"][warm:], strict=True)
+            pairs = zip(
+                result["methods"][variant]["cpu_times_s"][warm:],
+                result["methods"][base_method(variant)]["cpu_times_s"][warm:],
+                strict=True,
+            )
             differences = [a - b for a, b in pairs]
             faster = sum(d > 0 for d in differences)
             lines.append(
@@ -1247,17 +1258,21 @@ def run_prepare_worker(args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def merge_repeats(runs: list[dict]) -> dict:
+def merge_repeats(runs: list[dict], profiled_first: bool = False) -> dict:
     """One record from the repeats of a method and setting: step times pooled, the largest peak memory.
 
     Training is deterministic, so the losses are those of the first run; ``repeat_step_time_s_medians`` keeps each
-    run's median.
+    run's median. ``profiled_first``: the first repeat profiled an update of some methods. On the CPU the memory the
+    profiler took stays in the process after it stops (the allocator keeps it), so a profiled run's peak is higher
+    by the profiler's share: the peak memory then comes from the later repeats, for every method alike (the same
+    number of runs each); ``repeat_peak_mem_bytes`` and ``repeat_profiled`` keep every run's.
     """
     failed = [r for r in runs if r.get("error")]
     if failed or len(runs) == 1:
         return failed[0] if failed else runs[0]
     record = dict(runs[0])
     times = [t for r in runs for t in r["step_times_s"]]
+    measured = runs[1:] if profiled_first else runs
     record.update(
         step_time_s_median=statistics.median(times),
         step_time_s_min=min(times),
@@ -1265,13 +1280,14 @@ def merge_repeats(runs: list[dict]) -> dict:
         step_time_s_mean=statistics.fmean(times),
         timed_steps=len(times),
         step_times_s=times,
-        peak_mem_bytes=max(r["peak_mem_bytes"] for r in runs),
+        peak_mem_bytes=max(r["peak_mem_bytes"] for r in measured),
         repeats=len(runs),
         repeat_step_time_s_medians=[r["step_time_s_median"] for r in runs],
         repeat_peak_mem_bytes=[r["peak_mem_bytes"] for r in runs],
+        repeat_profiled=[bool(r.get("profiled")) for r in runs],
     )
     if "peak_mem_above_baseline_bytes" in record:
-        record["peak_mem_above_baseline_bytes"] = max(r["peak_mem_above_baseline_bytes"] for r in runs)
+        record["peak_mem_above_baseline_bytes"] = max(r["peak_mem_above_baseline_bytes"] for r in measured)
     return record
 
 
@@ -1351,7 +1367,8 @@ def render_markdown(records: list[dict], meta: dict) -> str:
         f"batch {s['batch_size']} x {s['seq_len']} tokens, {s['steps']} optimizer updates per run "
         f"(LT-SFT: {s['steps']} dense + {s['steps']} sparse), step times after {s['warmup_steps']} warm-up updates"
         + (
-            f", pooled over {s['repeats']} interleaved runs per method and setting (peak memory: the largest)"
+            f", pooled over {s['repeats']} interleaved runs per method and setting (peak memory: the largest; of the "
+            "runs after the first when the first profiles an update, since the profiler's memory stays)"
             if s.get("repeats", 1) > 1
             else ""
         )

@@ -185,13 +185,23 @@ def test_interleaved_table_pairs_a_merge_mode_variant_with_the_default() -> None
 
     def entry(cpu_times):
         return {
-            "step_time_s_median": 1.0, "cpu_time_s_median": 1.0, "ratio_median": 1.0, "cpu_ratio_median": 1.0,
-            "ratio_of_sums": 1.0, "cpu_ratio_of_sums": 1.0, "cpu_times_s": cpu_times,
+            "step_time_s_median": 1.0,
+            "cpu_time_s_median": 1.0,
+            "ratio_median": 1.0,
+            "cpu_ratio_median": 1.0,
+            "ratio_of_sums": 1.0,
+            "cpu_ratio_of_sums": 1.0,
+            "cpu_times_s": cpu_times,
         }
 
     result = {
-        "preset": "cpu-hotpath", "date": "2026-11-30T00:00:00", "machine": "m", "command": "c",
-        "settings": {"threads": 1, "steps": 4}, "warmup_rounds": 1, "load_average_per_round": [],
+        "preset": "cpu-hotpath",
+        "date": "2026-11-30T00:00:00",
+        "machine": "m",
+        "command": "c",
+        "settings": {"threads": 1, "steps": 4},
+        "warmup_rounds": 1,
+        "load_average_per_round": [],
         "methods": {
             "lora": entry([9.0, 1.0, 1.0, 1.0]),
             "spiel-ma": entry([9.0, 1.000, 1.010, 1.020]),
@@ -200,3 +210,32 @@ def test_interleaved_table_pairs_a_merge_mode_variant_with_the_default() -> None
     }
     table = bench.interleaved_markdown(result)
     assert "| spiel-ma@product | spiel-ma | +4.0 | 2 of 3 |" in table
+
+
+def test_repeats_take_peak_memory_from_the_runs_without_the_profiler() -> None:
+    bench = load_script()
+
+    def run(peak, above, profiled, times):
+        return {
+            "method": "spiel-ag",
+            "peak_mem_bytes": peak,
+            "peak_mem_above_baseline_bytes": above,
+            "profiled": profiled,
+            "step_times_s": times,
+            "step_time_s_median": times[len(times) // 2],
+        }
+
+    # the first repeat profiled some method: its peaks (the profiler's memory stays in the process) are left out,
+    # for a profiled method and an unprofiled one alike
+    runs = [run(900, 230, True, [1.0, 3.0]), run(750, 120, False, [2.0]), run(760, 118, False, [4.0])]
+    merged = bench.merge_repeats(runs, profiled_first=True)
+    assert (merged["peak_mem_bytes"], merged["peak_mem_above_baseline_bytes"]) == (760, 120)
+    assert merged["repeat_peak_mem_bytes"] == [900, 750, 760] and merged["repeat_profiled"] == [True, False, False]
+    assert merged["step_times_s"] == [1.0, 3.0, 2.0, 4.0] and merged["step_time_s_median"] == 2.5
+    unprofiled = bench.merge_repeats([run(800, 130, False, [1.0]), run(700, 90, False, [1.0])], profiled_first=True)
+    assert (unprofiled["peak_mem_bytes"], unprofiled["peak_mem_above_baseline_bytes"]) == (700, 90)
+    # nothing profiled: the largest of all runs
+    merged = bench.merge_repeats([run(700, 90, False, [1.0]), run(650, 95, False, [1.0])])
+    assert (merged["peak_mem_bytes"], merged["peak_mem_above_baseline_bytes"]) == (700, 95)
+    single = run(900, 230, True, [1.0])
+    assert bench.merge_repeats([single], profiled_first=True) is single
