@@ -1,14 +1,15 @@
 """Merged or split: the two ways to compute a linear layer with a sparse delta, timed against each other.
 
-- merged (what SpIEL layers do): ``W + delta`` into a working copy, then the dense product; the backward rebuilds the
-  copy for ``dX`` and gets the values' gradient by SDDMM;
+- merged (what SpIEL layers do, ``peft_sparse.sparse_linear``): the dense product with ``W + delta``, the delta
+  added into ``W`` in place and restored bit for bit (held from the forward to the backward's ``dX`` product when
+  training on the CPU; a working copy with ``PEFT_SPARSE_INPLACE_MERGE=0``), and the values' gradient by SDDMM;
 - split: ``x @ W.T + x @ delta.T`` with the frozen ``W`` and ``peft_sparse.kernels.sparse_delta_product`` for the
-  delta alone; no copy of ``W``, but every product with the delta gathers ``tokens * K`` inputs.
+  delta alone; ``W`` is never written, but every product with the delta gathers ``tokens * K`` inputs.
 
 For each density and token count it times the training step of the layer (forward + backward, gradients for the
 input and the values) and the inference forward (no gradient, as in decoding), median of ``--repeats`` after two
 warm-up runs, and checks that both formulations give the same outputs and gradients. Runs on whatever device is
-given with the default kernel backend (the PyTorch references on CPU); ``benchmarks/bench_kernels.py`` has the GPU
+given with the default kernel backend (the PyTorch strategies on CPU); ``benchmarks/bench_kernels.py`` has the GPU
 version at Llama-7B shapes.
 
     python benchmarks/bench_formulations.py --out benchmarks/results        # CPU, [2752, 1024], ~2 minutes

@@ -201,22 +201,37 @@ def test_build_sorted_positions_is_the_csr_of_the_positions():
     assert order.col.tolist() == [2, 7, 8, 4, 3, 4]
 
 
+def test_cpu_csr_choice_follows_the_measured_crossovers():
+    # small matrices: the operands' transposes cost more than the dense product, at any density
+    assert not dispatch.cpu_csr_is_faster(128, 128, 81)
+    assert not dispatch.cpu_csr_is_faster(352, 128, 225)
+    # cpu-hotpath and Llama-7B shapes: csr up to about 12 % (15-16 % at [4096, 4096]), dense above
+    assert dispatch.cpu_csr_is_faster(2816, 1024, 61_440)  # LoRA r=16's budget, 2.1 %
+    assert dispatch.cpu_csr_is_faster(2816, 1024, int(0.11 * 2816 * 1024))
+    assert not dispatch.cpu_csr_is_faster(2816, 1024, int(0.14 * 2816 * 1024))
+    assert dispatch.cpu_csr_is_faster(4096, 4096, int(0.14 * 4096 * 4096))
+    assert not dispatch.cpu_csr_is_faster(4096, 4096, int(0.17 * 4096 * 4096))
+    assert not dispatch.cpu_csr_is_faster(1, 1, 0)
+
+
 def test_sddmm_strategy_choice_on_cpu(monkeypatch):
-    a, b = _operands(4, 100, 100)
-    sparse, dense = _indices(10_000, 100), _indices(10_000, 5_000)
-    assert dispatch.choose_sddmm_strategy(a, b, sparse, 100, "auto") == "csr"
-    assert dispatch.choose_sddmm_strategy(a, b, dense, 100, "auto") == "dense"
-    assert dispatch.choose_sddmm_strategy(a, b, sparse, 100, "triton") == "triton"
+    a, b = _operands(4, 1024, 1024)
+    sparse, dense = _indices(1024 * 1024, 10_000), _indices(1024 * 1024, 300_000)
+    assert dispatch.choose_sddmm_strategy(a, b, sparse, 1024, "auto") == "csr"
+    assert dispatch.choose_sddmm_strategy(a, b, dense, 1024, "auto") == "dense"
+    small_a, small_b = _operands(4, 128, 128)
+    assert dispatch.choose_sddmm_strategy(small_a, small_b, _indices(128 * 128, 100), 128, "auto") == "dense"
+    assert dispatch.choose_sddmm_strategy(a, b, sparse, 1024, "triton") == "triton"
     dispatch.set_sddmm_strategy("gather")
-    assert dispatch.choose_sddmm_strategy(a, b, sparse, 100, "triton") == "gather"
+    assert dispatch.choose_sddmm_strategy(a, b, sparse, 1024, "triton") == "gather"
     monkeypatch.setenv(dispatch.SDDMM_ENV_VAR, "dense")  # the environment wins over the pinned strategy
-    assert dispatch.choose_sddmm_strategy(a, b, sparse, 100, "auto") == "dense"
+    assert dispatch.choose_sddmm_strategy(a, b, sparse, 1024, "auto") == "dense"
     torch.testing.assert_close(
-        sddmm(a, b, sparse, 100).double(), _dense_truth(a, b, sparse), rtol=1e-5, atol=1e-5
+        sddmm(a, b, sparse, 1024).double(), _dense_truth(a, b, sparse), rtol=1e-5, atol=1e-5
     )
     monkeypatch.setenv(dispatch.SDDMM_ENV_VAR, "fastest")
     with pytest.raises(ValueError, match=f"{dispatch.SDDMM_ENV_VAR}.*'fastest'"):
-        sddmm(a, b, sparse, 100)
+        sddmm(a, b, sparse, 1024)
     with pytest.raises(ValueError, match="'sparse'"):
         dispatch.set_sddmm_strategy("sparse")
 

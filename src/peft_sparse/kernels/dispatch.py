@@ -37,12 +37,17 @@ BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "PEFT_SPARSE_KERNEL_BACKEND"
 SDDMM_STRATEGIES = ("auto", "csr", "dense", "gather", "triton", "triton_sorted")
 SDDMM_ENV_VAR = "PEFT_SPARSE_SDDMM_STRATEGY"
-# CPU: below this density (K / (rows * cols)) ``csr`` wins, above it ``dense``. Measured with
-# benchmarks/bench_kernels.py (one thread, [2816, 1024] and Llama-7B shapes, 512-4096 tokens): csr is 3-5x faster at
-# 0.3-2.3 %. With csr's products in runs of tokens (sddmm.CSR_CPU_TOKEN_CHUNK), at 512 tokens, best of 5 with caches
-# flushed: csr 1.3-2.6x faster at 4 %, about even at 12 % at [2816, 1024] and [1024, 2816] (34.0 vs 33.6 and 25.1 vs
-# 24.7 ms) and at 16 % at [4096, 4096] (225 vs 215 ms).
-CPU_CSR_MAX_DENSITY = 0.12
+# CPU: per token, ``csr`` costs about CPU_CSR_ENTRY_COST * K + CPU_CSR_FEATURE_COST * (rows + cols) and ``dense``
+# rows * cols, in units of one multiply-add of the dense product: each sampled entry is a dot product over the tokens
+# (in runs of sddmm.CSR_CPU_TOKEN_CHUNK), and both operands are transposed first, which on a small matrix costs more
+# than the whole dense product. ``csr`` runs where its estimate is the smaller. Fitted to timings of one thread with
+# caches flushed between calls, [128, 128] to [2816, 1024], 0.5-10 % density, 128 / 512 / 2,048 tokens
+# (``benchmarks/bench_cpu_crossover.py``; its committed run: the estimated csr / dense time within 25 % of the measured
+# one at 80 of 88 points, and the pick slower than the other strategy at 6, all near a tie, by at most 1.24x; a
+# density cut at 12 % picked the slower at 37, by up to 3.75x on small matrices, where dense wins at any density).
+# csr wins up to about 12 % density at [2816, 1024] and 15-16 % at Llama-7B's [4096, 4096].
+CPU_CSR_ENTRY_COST = 6.7
+CPU_CSR_FEATURE_COST = 118.0
 
 # op name -> (reference, triton implementation or None)
 _OPS: dict[str, tuple[Callable, Callable | None]] = {
@@ -179,10 +184,10 @@ def choose_sddmm_strategy(a: torch.Tensor, b: torch.Tensor, indices: torch.Tenso
     """The strategy ``sddmm`` runs for these operands, or "tune" when it must time the candidates.
 
     In order: a pinned strategy (``PEFT_SPARSE_SDDMM_STRATEGY``, ``set_sddmm_strategy``); ``kernel_backend`` "triton"
-    (setting or ``PEFT_SPARSE_KERNEL_BACKEND``) runs the Triton kernel; off CUDA the measured crossover
-    ``CPU_CSR_MAX_DENSITY`` picks ``csr`` or ``dense``; on CUDA "tune": the candidates are timed once per (shape, K,
-    dtype, tokens) bucket and the fastest is kept, as ``cudnn.benchmark`` does. ``dense`` is always a candidate, so
-    the choice is never slower than dense + gather (up to timing noise).
+    (setting or ``PEFT_SPARSE_KERNEL_BACKEND``) runs the Triton kernel; off CUDA ``cpu_csr_is_faster`` (a cost
+    model fitted to measurements) picks ``csr`` or ``dense``; on CUDA "tune": the candidates are timed once per
+    (shape, K, dtype, tokens) bucket and the fastest is kept, as ``cudnn.benchmark`` does. ``dense`` is always a
+    candidate, so the choice is never slower than dense + gather (up to timing noise).
     """
     backend = requested_backend(setting)
     pinned = pinned_sddmm_strategy()
@@ -191,9 +196,15 @@ def choose_sddmm_strategy(a: torch.Tensor, b: torch.Tensor, indices: torch.Tenso
     if backend == "triton":
         return "triton"
     if a.device.type != "cuda":
-        density = indices.numel() / max(1, a.shape[1] * ncols)
-        return "csr" if density < CPU_CSR_MAX_DENSITY else "dense"
+        return "csr" if cpu_csr_is_faster(a.shape[1], ncols, indices.numel()) else "dense"
     return "tune"
+
+
+def cpu_csr_is_faster(rows: int, cols: int, k: int) -> bool:
+    """Whether ``csr`` is estimated faster than ``dense`` on the CPU for K positions of a ``[rows, cols]`` matrix
+    (the number of tokens cancels out): ``CPU_CSR_ENTRY_COST * k + CPU_CSR_FEATURE_COST * (rows + cols)`` against
+    ``rows * cols``."""
+    return CPU_CSR_ENTRY_COST * k + CPU_CSR_FEATURE_COST * (rows + cols) < rows * cols
 
 
 def _run_sddmm_strategy(
