@@ -121,34 +121,43 @@ _METHOD_NAMES = {
 def _bench_train_ratios(root: Path, folder: str) -> str:
     meta, records = _bench_train(root, folder)
     lora = next(r for r in records if r["method"] == "lora")
+    # methods interleaved update by update in one process, when that run is committed too: steadier ratios
+    interleaved_path = root / "benchmarks" / "results" / folder / "interleaved.json"
+    interleaved = json.loads(interleaved_path.read_text()) if interleaved_path.exists() else None
     rows = []
     for r in records:
         if r["method"] == "lora":
             continue
-        rows.append(
-            [
-                _METHOD_NAMES.get(r["method"], r["method"]),
-                f"{r['trainable_params']:,}",
-                f"{r['step_time_s_median'] / lora['step_time_s_median']:.2f}",
-                f"{r['peak_mem_above_baseline_bytes'] / lora['peak_mem_above_baseline_bytes']:.2f}",
-                f"{r['eval_loss'] - lora['eval_loss']:+.4f}",
-            ]
-        )
-    table = _table(
-        [
-            "method",
-            "trainable",
-            "step time (median) / LoRA",
-            "training memory above baseline / LoRA",
-            "held-out loss - LoRA",
-        ],
-        rows,
-    )
-    return (
+        row = [
+            _METHOD_NAMES.get(r["method"], r["method"]),
+            f"{r['trainable_params']:,}",
+            f"{r['step_time_s_median'] / lora['step_time_s_median']:.2f}",
+        ]
+        if interleaved is not None:
+            entry = interleaved["methods"].get(r["method"])
+            row.append("-" if entry is None else f"{entry['cpu_ratio_median']:.2f} / {entry['cpu_ratio_of_sums']:.2f}")
+        row += [
+            f"{r['peak_mem_above_baseline_bytes'] / lora['peak_mem_above_baseline_bytes']:.2f}",
+            f"{r['eval_loss'] - lora['eval_loss']:+.4f}",
+        ]
+        rows.append(row)
+    header = ["method", "trainable", "step time (median) / LoRA"]
+    if interleaved is not None:
+        header.append("interleaved: per update (median) / whole run")
+    header += ["training memory above baseline / LoRA", "held-out loss - LoRA"]
+    text = (
         f"Measured {_day(meta['date'])} on {meta['machine']}: `{meta['command']}`. Gradient checkpointing off; "
         f"LoRA (dropout 0): {lora['step_time_s_median']:.4f} s per update, held-out loss {lora['eval_loss']:.4f} "
-        f"(nats per byte). Full table: `benchmarks/results/{folder}/results.md`.\n\n{table}\n"
+        f"(nats per byte). Full table: `benchmarks/results/{folder}/results.md`."
     )
+    if interleaved is not None:
+        text += (
+            f" Interleaved: CPU-time ratios to LoRA's update in the same round, with every method in one process "
+            f"(`{interleaved['command']}`, {_day(interleaved['date'])}; "
+            f"`benchmarks/results/{folder}/interleaved.md`); each method in its own process, as in the step-time "
+            "column, the ratios move by 10-30 % between runs on a shared machine."
+        )
+    return f"{text}\n\n{_table(header, rows)}\n"
 
 
 def render_bench_train_cpu_tiny(root: Path) -> str:
