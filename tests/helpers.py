@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,3 +118,19 @@ def assert_state_equal(model: nn.Module, expected: dict[str, torch.Tensor]) -> N
     assert set(state) == set(expected), sorted(set(state) ^ set(expected))
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
+
+
+# ----------------------------------------------------------------------------------------- benchmark scripts
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as the module ``name`` (registered in ``sys.modules``, where dataclasses
+    look their module up; ``benchmarks/`` on the path, for scripts that import their siblings)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_formulations.py"
+from helpers import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_formulations", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_formulations"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_formulations")
 
 
 def test_tiny_run_writes_results(tmp_path: Path) -> None:
