@@ -4,13 +4,14 @@ For each matrix shape, density and token count it times ``peft_sparse.kernels.sd
 transposed operands) and ``sddmm_dense`` (the dense ``dY^T X`` and a gather), the median of ``--repeats`` calls after
 two warm-up calls, with the transposed-operand cache cleared and 32 MiB written between calls so that every call
 starts from memory, as in a training step. Each row gives the measured csr / dense time, the ratio the dispatch
-rule estimates (``kernels.dispatch.cpu_csr_is_faster``: ``CPU_CSR_ENTRY_COST * K + CPU_CSR_FEATURE_COST * (rows +
-cols)`` against ``rows * cols``), the strategy it picks and how much slower that is than the faster one.
+rule estimates (``kernels.dispatch.cpu_csr_cost_ratio``: ``CPU_CSR_ENTRY_COST * K + threads * CPU_CSR_FEATURE_COST *
+(rows + cols)`` against ``rows * cols``), the strategy it picks and how much slower that is than the faster one.
 
-    python benchmarks/bench_cpu_crossover.py --threads 1      # the grid the rule was fitted to, ~3 minutes
+    python benchmarks/bench_cpu_crossover.py --threads 1      # the grid the rule was fitted to, < 1 minute
+    python benchmarks/bench_cpu_crossover.py --threads 2      # the same with two threads
     python benchmarks/bench_cpu_crossover.py --small          # a few points, seconds
 
-Writes ``bench_cpu_crossover.json`` and ``.md`` into ``benchmarks/results/`` (or ``--out``).
+Writes ``bench_cpu_crossover_threads<N>.json`` and ``.md`` into ``benchmarks/results/`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -62,11 +63,6 @@ def _median_seconds(fn, repeats: int, flush: torch.Tensor) -> float:
     return statistics.median(times)
 
 
-def estimated_ratio(rows: int, cols: int, k: int) -> float:
-    """The dispatch rule's csr / dense time."""
-    return (dispatch.CPU_CSR_ENTRY_COST * k + dispatch.CPU_CSR_FEATURE_COST * (rows + cols)) / (rows * cols)
-
-
 def measure(args: argparse.Namespace) -> list[dict]:
     shapes, densities, tokens = (
         (SHAPES[:2] + SHAPES[5:6], DENSITIES[1:3], TOKENS[:1])
@@ -100,7 +96,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 operands = (dy, x, indices, cols)
                 csr = _median_seconds(lambda operands=operands: sddmm_csr(*operands), repeats, flush)
                 dense = _median_seconds(lambda operands=operands: sddmm_dense(*operands), repeats, flush)
-                chosen = "csr" if dispatch.cpu_csr_is_faster(rows, cols, k) else "dense"
+                estimate = dispatch.cpu_csr_cost_ratio(rows, cols, k, args.threads)
+                chosen = "csr" if estimate < 1.0 else "dense"
                 record = {
                     "tokens": n_tokens,
                     "rows": rows,
@@ -110,7 +107,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     "csr_s": csr,
                     "dense_s": dense,
                     "measured_ratio": csr / dense,
-                    "estimated_ratio": estimated_ratio(rows, cols, k),
+                    "estimated_ratio": estimate,
                     "chosen": chosen,
                     "chosen_over_fastest": (csr if chosen == "csr" else dense) / min(csr, dense),
                 }
@@ -141,7 +138,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         "# CPU value gradient: csr against dense",
         "",
         f"Measured {meta['date']} on {meta['machine']}, {meta['threads']} torch thread(s): `{meta['command']}`.",
-        f"Rule: csr when {dispatch.CPU_CSR_ENTRY_COST} K + {dispatch.CPU_CSR_FEATURE_COST} (rows + cols) < rows cols.",
+        f"Rule: csr when {dispatch.CPU_CSR_ENTRY_COST} K + threads x {dispatch.CPU_CSR_FEATURE_COST} (rows + cols) < "
+        "rows cols.",
         f"Estimate within 15 % of the measured ratio at {s['estimate_within_15_percent']} of {s['points']} points, "
         f"within 25 % at {s['estimate_within_25_percent']}; the rule picks the slower strategy at "
         f"{s['picks_the_slower']}, at worst {s['worst_chosen_over_fastest']:.2f}x the faster one's time.",
@@ -172,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary(rows),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_cpu_crossover.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (args.out / "bench_cpu_crossover.md").write_text(to_markdown(meta, rows))
-    print(f"wrote {args.out / 'bench_cpu_crossover.json'} and .md: {meta['summary']}")
+    stem = args.out / f"bench_cpu_crossover_threads{args.threads}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(to_markdown(meta, rows))
+    print(f"wrote {stem}.json and .md: {meta['summary']}")
     return 0
 
 

@@ -37,6 +37,8 @@ def _no_env(monkeypatch):
     for var in (dispatch.ENV_VAR, dispatch.SDDMM_ENV_VAR, "PEFT_SPARSE_INPLACE_MERGE"):
         monkeypatch.delenv(var, raising=False)
     dispatch.set_sddmm_strategy(None)
+    yield
+    dispatch.set_sddmm_strategy(None)  # a strategy pinned by a test must not reach the next test file
 
 
 def _operands(tokens, rows, cols, dtype=torch.float32, seed=0):
@@ -202,16 +204,28 @@ def test_build_sorted_positions_is_the_csr_of_the_positions():
 
 
 def test_cpu_csr_choice_follows_the_measured_crossovers():
-    # small matrices: the operands' transposes cost more than the dense product, at any density
-    assert not dispatch.cpu_csr_is_faster(128, 128, 81)
-    assert not dispatch.cpu_csr_is_faster(352, 128, 225)
+    # one thread; small matrices: the operands' transposes cost more than the dense product, at any density
+    assert not dispatch.cpu_csr_is_faster(128, 128, 81, threads=1)
+    assert not dispatch.cpu_csr_is_faster(352, 128, 225, threads=1)
     # cpu-hotpath and Llama-7B shapes: csr up to about 12 % (15-16 % at [4096, 4096]), dense above
-    assert dispatch.cpu_csr_is_faster(2816, 1024, 61_440)  # LoRA r=16's budget, 2.1 %
-    assert dispatch.cpu_csr_is_faster(2816, 1024, int(0.11 * 2816 * 1024))
-    assert not dispatch.cpu_csr_is_faster(2816, 1024, int(0.14 * 2816 * 1024))
-    assert dispatch.cpu_csr_is_faster(4096, 4096, int(0.14 * 4096 * 4096))
-    assert not dispatch.cpu_csr_is_faster(4096, 4096, int(0.17 * 4096 * 4096))
-    assert not dispatch.cpu_csr_is_faster(1, 1, 0)
+    assert dispatch.cpu_csr_is_faster(2816, 1024, 61_440, threads=1)  # LoRA r=16's budget, 2.1 %
+    assert dispatch.cpu_csr_is_faster(2816, 1024, int(0.11 * 2816 * 1024), threads=1)
+    assert not dispatch.cpu_csr_is_faster(2816, 1024, int(0.14 * 2816 * 1024), threads=1)
+    assert dispatch.cpu_csr_is_faster(4096, 4096, int(0.14 * 4096 * 4096), threads=1)
+    assert not dispatch.cpu_csr_is_faster(4096, 4096, int(0.17 * 4096 * 4096), threads=1)
+    # two threads (measured): [512, 512] at 5 % and [1024, 1024] at 10 % go dense, [1024, 1024] at 2 % stays csr
+    assert dispatch.cpu_csr_is_faster(512, 512, int(0.05 * 512 * 512), threads=1)
+    assert not dispatch.cpu_csr_is_faster(512, 512, int(0.05 * 512 * 512), threads=2)
+    assert not dispatch.cpu_csr_is_faster(1024, 1024, int(0.10 * 1024 * 1024), threads=2)
+    assert dispatch.cpu_csr_is_faster(1024, 1024, int(0.02 * 1024 * 1024), threads=2)
+    # the default is torch's thread count; the ratio is the estimate's csr / dense time
+    assert dispatch.cpu_csr_cost_ratio(1024, 1024, 1000) == dispatch.cpu_csr_cost_ratio(
+        1024, 1024, 1000, torch.get_num_threads()
+    )
+    assert dispatch.cpu_csr_cost_ratio(100, 100, 50, threads=3) == pytest.approx((6.7 * 50 + 3 * 118 * 200) / 10_000)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=f"threads must be a positive int, got {bad!r}"):
+            dispatch.cpu_csr_cost_ratio(8, 8, 1, bad)
 
 
 def test_sddmm_strategy_choice_on_cpu(monkeypatch):
@@ -226,9 +240,7 @@ def test_sddmm_strategy_choice_on_cpu(monkeypatch):
     assert dispatch.choose_sddmm_strategy(a, b, sparse, 1024, "triton") == "gather"
     monkeypatch.setenv(dispatch.SDDMM_ENV_VAR, "dense")  # the environment wins over the pinned strategy
     assert dispatch.choose_sddmm_strategy(a, b, sparse, 1024, "auto") == "dense"
-    torch.testing.assert_close(
-        sddmm(a, b, sparse, 1024).double(), _dense_truth(a, b, sparse), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(sddmm(a, b, sparse, 1024).double(), _dense_truth(a, b, sparse), rtol=1e-5, atol=1e-5)
     monkeypatch.setenv(dispatch.SDDMM_ENV_VAR, "fastest")
     with pytest.raises(ValueError, match=f"{dispatch.SDDMM_ENV_VAR}.*'fastest'"):
         sddmm(a, b, sparse, 1024)

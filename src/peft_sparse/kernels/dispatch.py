@@ -38,14 +38,15 @@ ENV_VAR = "PEFT_SPARSE_KERNEL_BACKEND"
 SDDMM_STRATEGIES = ("auto", "csr", "dense", "gather", "triton", "triton_sorted")
 SDDMM_ENV_VAR = "PEFT_SPARSE_SDDMM_STRATEGY"
 # CPU: per token, ``csr`` costs about CPU_CSR_ENTRY_COST * K + CPU_CSR_FEATURE_COST * (rows + cols) and ``dense``
-# rows * cols, in units of one multiply-add of the dense product: each sampled entry is a dot product over the tokens
-# (in runs of sddmm.CSR_CPU_TOKEN_CHUNK), and both operands are transposed first, which on a small matrix costs more
-# than the whole dense product. ``csr`` runs where its estimate is the smaller. Fitted to timings of one thread with
-# caches flushed between calls, [128, 128] to [2816, 1024], 0.5-10 % density, 128 / 512 / 2,048 tokens
-# (``benchmarks/bench_cpu_crossover.py``; its committed run: the estimated csr / dense time within 25 % of the measured
-# one at 80 of 88 points, and the pick slower than the other strategy at 6, all near a tie, by at most 1.24x; a
-# density cut at 12 % picked the slower at 37, by up to 3.75x on small matrices, where dense wins at any density).
-# csr wins up to about 12 % density at [2816, 1024] and 15-16 % at Llama-7B's [4096, 4096].
+# rows * cols, in units of one multiply-add of the dense product on one thread: each sampled entry is a dot product
+# over the tokens (in runs of sddmm.CSR_CPU_TOKEN_CHUNK), and both operands are transposed first, which on a small
+# matrix costs more than the whole dense product. ``csr`` runs where its estimate is the smaller
+# (``cpu_csr_cost_ratio``). Fitted to timings of one thread with caches flushed between calls, [128, 128] to
+# [2816, 1024], 0.5-10 % density, 128 / 512 / 2,048 tokens (``benchmarks/bench_cpu_crossover.py``; its committed runs
+# have the estimate, the pick and its cost at every point). With more threads the products spread over them and the
+# transposes do not (measured at [2816, 1024], 2 % density, 512 tokens: 1 -> 2 threads, products 3.0 -> 1.7 ms,
+# transposes 2.3 -> 2.0, dense 20 -> 10), so the transposes' term is multiplied by the number of threads: checked
+# with two threads (the most this machine has), extrapolated beyond.
 CPU_CSR_ENTRY_COST = 6.7
 CPU_CSR_FEATURE_COST = 118.0
 
@@ -200,11 +201,22 @@ def choose_sddmm_strategy(a: torch.Tensor, b: torch.Tensor, indices: torch.Tenso
     return "tune"
 
 
-def cpu_csr_is_faster(rows: int, cols: int, k: int) -> bool:
-    """Whether ``csr`` is estimated faster than ``dense`` on the CPU for K positions of a ``[rows, cols]`` matrix
-    (the number of tokens cancels out): ``CPU_CSR_ENTRY_COST * k + CPU_CSR_FEATURE_COST * (rows + cols)`` against
-    ``rows * cols``."""
-    return CPU_CSR_ENTRY_COST * k + CPU_CSR_FEATURE_COST * (rows + cols) < rows * cols
+def cpu_csr_cost_ratio(rows: int, cols: int, k: int, threads: int | None = None) -> float:
+    """The estimated time of ``csr`` over that of ``dense`` on the CPU for K positions of a ``[rows, cols]`` matrix
+    with ``threads`` torch threads (default ``torch.get_num_threads()``); the number of tokens cancels out.
+
+    ``(CPU_CSR_ENTRY_COST * k + threads * CPU_CSR_FEATURE_COST * (rows + cols)) / (rows * cols)``: the sampled
+    products and the dense product spread over the threads, the transposes of the operands do not (ATen copies a
+    transpose on one thread), so they weigh ``threads`` times more."""
+    threads = torch.get_num_threads() if threads is None else threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    return (CPU_CSR_ENTRY_COST * k + threads * CPU_CSR_FEATURE_COST * (rows + cols)) / max(1, rows * cols)
+
+
+def cpu_csr_is_faster(rows: int, cols: int, k: int, threads: int | None = None) -> bool:
+    """Whether ``csr`` is estimated faster than ``dense`` on the CPU: ``cpu_csr_cost_ratio(...) < 1``."""
+    return cpu_csr_cost_ratio(rows, cols, k, threads) < 1.0
 
 
 def _run_sddmm_strategy(
@@ -228,9 +240,7 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: int, s
     candidates = ["csr", "dense"]
     if requested_backend(setting) == "auto" and _OPS["sddmm"][1] is not None:
         candidates += ["triton", "triton_sorted"]
-    key = (
-        str(a.device), a.dtype, a.shape[1], ncols, _bucket(indices.numel()), _bucket(a.shape[0]), tuple(candidates)
-    )
+    key = (str(a.device), a.dtype, a.shape[1], ncols, _bucket(indices.numel()), _bucket(a.shape[0]), tuple(candidates))
     runners = {name: (lambda name=name: _run_sddmm_strategy(name, a, b, indices, ncols)) for name in candidates}
     return _run_tuned(_sddmm_tuned, key, runners, a.device, "sddmm")
 
