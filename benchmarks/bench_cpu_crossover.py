@@ -4,8 +4,9 @@ For each matrix shape, density and token count it times ``peft_sparse.kernels.sd
 transposed operands) and ``sddmm_dense`` (the dense ``dY^T X`` and a gather), the median of ``--repeats`` calls after
 two warm-up calls, with the transposed-operand cache cleared and 32 MiB written between calls so that every call
 starts from memory, as in a training step. Each row gives the measured csr / dense time, the ratio the dispatch
-rule estimates (``kernels.dispatch.cpu_csr_cost_ratio``: ``CPU_CSR_ENTRY_COST * K + threads * CPU_CSR_FEATURE_COST *
-(rows + cols)`` against ``rows * cols``), the strategy it picks and how much slower that is than the faster one.
+rule estimates (``kernels.dispatch.cpu_csr_cost_ratio``: ``CPU_CSR_ENTRY_COST * K + threads ** CPU_CSR_THREAD_EXPONENT
+* CPU_CSR_FEATURE_COST * (rows + cols)`` against ``rows * cols``), the strategy it picks and how much slower that is
+than the faster one.
 
     python benchmarks/bench_cpu_crossover.py --threads 1      # the grid the rule was fitted to, < 1 minute
     python benchmarks/bench_cpu_crossover.py --threads 2      # the same with two threads
@@ -138,8 +139,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         "# CPU value gradient: csr against dense",
         "",
         f"Measured {meta['date']} on {meta['machine']}, {meta['threads']} torch thread(s): `{meta['command']}`.",
-        f"Rule: csr when {dispatch.CPU_CSR_ENTRY_COST} K + threads x {dispatch.CPU_CSR_FEATURE_COST} (rows + cols) < "
-        "rows cols.",
+        f"Rule: csr when {dispatch.CPU_CSR_ENTRY_COST} K + threads^{dispatch.CPU_CSR_THREAD_EXPONENT} x "
+        f"{dispatch.CPU_CSR_FEATURE_COST} (rows + cols) < rows cols.",
         f"Estimate within 15 % of the measured ratio at {s['estimate_within_15_percent']} of {s['points']} points, "
         f"within 25 % at {s['estimate_within_25_percent']}; the rule picks the slower strategy at "
         f"{s['picks_the_slower']}, at worst {s['worst_chosen_over_fastest']:.2f}x the faster one's time.",
@@ -166,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "command": "python benchmarks/bench_cpu_crossover.py "
         + " ".join(a for a in (f"--threads {args.threads}", "--small" if args.small else "") if a),
-        "rule": {"entry_cost": dispatch.CPU_CSR_ENTRY_COST, "feature_cost": dispatch.CPU_CSR_FEATURE_COST},
+        "rule": {
+            "entry_cost": dispatch.CPU_CSR_ENTRY_COST,
+            "feature_cost": dispatch.CPU_CSR_FEATURE_COST,
+            "thread_exponent": dispatch.CPU_CSR_THREAD_EXPONENT,
+        },
         "summary": summary(rows),
     }
     args.out.mkdir(parents=True, exist_ok=True)

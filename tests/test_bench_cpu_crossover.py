@@ -28,7 +28,9 @@ def test_small_run_writes_results(tmp_path: Path) -> None:
         assert r["chosen_over_fastest"] == pytest.approx(r[f"{r['chosen']}_s"] / min(r["csr_s"], r["dense_s"]))
     assert data["meta"]["summary"]["points"] == len(rows)
     table = (tmp_path / "bench_cpu_crossover_threads1.md").read_text()
-    assert table.count("| 128 | [") == len(rows) and "Rule: csr when 6.7 K + threads x 118.0 (rows + cols)" in table
+    assert (
+        table.count("| 128 | [") == len(rows) and "Rule: csr when 6.7 K + threads^0.5 x 118.0 (rows + cols)" in table
+    )
 
 
 @pytest.mark.parametrize("bad", [["--threads", "0"], ["--repeats", "0"]])

@@ -43,12 +43,15 @@ SDDMM_ENV_VAR = "PEFT_SPARSE_SDDMM_STRATEGY"
 # matrix costs more than the whole dense product. ``csr`` runs where its estimate is the smaller
 # (``cpu_csr_cost_ratio``). Fitted to timings of one thread with caches flushed between calls, [128, 128] to
 # [2816, 1024], 0.5-10 % density, 128 / 512 / 2,048 tokens (``benchmarks/bench_cpu_crossover.py``; its committed runs
-# have the estimate, the pick and its cost at every point). With more threads the products spread over them and the
-# transposes do not (measured at [2816, 1024], 2 % density, 512 tokens: 1 -> 2 threads, products 3.0 -> 1.7 ms,
-# transposes 2.3 -> 2.0, dense 20 -> 10), so the transposes' term is multiplied by the number of threads: checked
-# with two threads (the most this machine has), extrapolated beyond.
+# have the estimate, the pick and its cost at every point). With more threads the dense and the sampled products
+# spread over them (1 -> 2 threads at [2816, 1024], 2 % density, 512 tokens: 20 -> 10 ms and 3.0 -> 1.7 ms) and the
+# transposes less (``sddmm._transpose_into``), so their term grows with threads ** CPU_CSR_THREAD_EXPONENT: with two
+# threads, factors from 1.2 to 1.7 pick the slower strategy at the fewest points (7 of 88, near ties); 1 (no
+# growth) at 10 points, up to 2.4x slower, and 2 at 13. Beyond two threads (more than this machine has) it is an
+# extrapolation.
 CPU_CSR_ENTRY_COST = 6.7
 CPU_CSR_FEATURE_COST = 118.0
+CPU_CSR_THREAD_EXPONENT = 0.5
 
 # op name -> (reference, triton implementation or None)
 _OPS: dict[str, tuple[Callable, Callable | None]] = {
@@ -205,13 +208,14 @@ def cpu_csr_cost_ratio(rows: int, cols: int, k: int, threads: int | None = None)
     """The estimated time of ``csr`` over that of ``dense`` on the CPU for K positions of a ``[rows, cols]`` matrix
     with ``threads`` torch threads (default ``torch.get_num_threads()``); the number of tokens cancels out.
 
-    ``(CPU_CSR_ENTRY_COST * k + threads * CPU_CSR_FEATURE_COST * (rows + cols)) / (rows * cols)``: the sampled
-    products and the dense product spread over the threads, the transposes of the operands do not (ATen copies a
-    transpose on one thread), so they weigh ``threads`` times more."""
+    ``(CPU_CSR_ENTRY_COST * k + threads ** CPU_CSR_THREAD_EXPONENT * CPU_CSR_FEATURE_COST * (rows + cols)) / (rows *
+    cols)``: the sampled products and the dense product spread over the threads, the transposes of the operands
+    less, so their share grows with the threads."""
     threads = torch.get_num_threads() if threads is None else threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
-    return (CPU_CSR_ENTRY_COST * k + threads * CPU_CSR_FEATURE_COST * (rows + cols)) / max(1, rows * cols)
+    transposes = threads**CPU_CSR_THREAD_EXPONENT * CPU_CSR_FEATURE_COST * (rows + cols)
+    return (CPU_CSR_ENTRY_COST * k + transposes) / max(1, rows * cols)
 
 
 def cpu_csr_is_faster(rows: int, cols: int, k: int, threads: int | None = None) -> bool:

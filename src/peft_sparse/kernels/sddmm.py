@@ -244,6 +244,18 @@ def clear_token_major_cache() -> None:
     _token_major.clear()
 
 
+def _transpose_into(out: torch.Tensor, rows: torch.Tensor) -> None:
+    """``out[:] = rows.T`` for a ``[features, n]`` ``out``. ATen copies a 2-D transpose in cache-sized blocks on one
+    thread; through a 3-D view the same copy is an elementwise one that spreads over torch's threads. Measured on the
+    CPU ([128 or 512 tokens, 2816] float32, caches flushed): one thread 0.53 / 2.3 ms (blocked) against 0.64 / 2.6
+    (elementwise); two threads 0.54 / 2.3 against 0.36 / 1.3. So the blocked copy with one thread, the spread one
+    with more."""
+    if torch.get_num_threads() > 1:
+        out.unsqueeze(-1).copy_(rows.t().unsqueeze(-1))
+    else:
+        out.copy_(rows.t())
+
+
 def token_major_chunks(
     t: torch.Tensor, chunk: int, dtype: torch.dtype = torch.float32, role: str = "b"
 ) -> tuple[torch.Tensor, ...]:
@@ -269,7 +281,8 @@ def token_major_chunks(
     for start in range(0, max(tokens, 1), chunk):
         n = min(chunk, tokens - start)
         part = buffer[features * start : features * (start + n)].view(features, n)
-        chunks.append(part.copy_(t[start : start + n].t()))  # a block of whole rows: ATen's blocked transpose
+        _transpose_into(part, t[start : start + n])
+        chunks.append(part)
     copy = tuple(chunks)
     try:
         ref = weakref.ref(owner, lambda dead, role=role: _forget_token_major(role, dead))
