@@ -249,8 +249,8 @@ def _transpose_into(out: torch.Tensor, rows: torch.Tensor) -> None:
     thread; through a 3-D view the same copy is an elementwise one that spreads over torch's threads. Measured on the
     CPU ([128 or 512 tokens, 2816] float32, caches flushed): one thread 0.53 / 2.3 ms (blocked) against 0.64 / 2.6
     (elementwise); two threads 0.54 / 2.3 against 0.36 / 1.3. So the blocked copy with one thread, the spread one
-    with more."""
-    if torch.get_num_threads() > 1:
+    with more (on the CPU; a GPU copies either as one kernel)."""
+    if out.device.type == "cpu" and torch.get_num_threads() > 1:
         out.unsqueeze(-1).copy_(rows.t().unsqueeze(-1))
     else:
         out.copy_(rows.t())
