@@ -45,10 +45,10 @@ SDDMM_ENV_VAR = "PEFT_SPARSE_SDDMM_STRATEGY"
 # [2816, 1024], 0.5-10 % density, 128 / 512 / 2,048 tokens (``benchmarks/bench_cpu_crossover.py``; its committed runs
 # have the estimate, the pick and its cost at every point). With more threads the dense and the sampled products
 # spread over them (1 -> 2 threads at [2816, 1024], 2 % density, 512 tokens: 20 -> 10 ms and 3.0 -> 1.7 ms) and the
-# transposes less (``sddmm._transpose_into``), so their term grows with threads ** CPU_CSR_THREAD_EXPONENT: with two
-# threads, factors from 1.2 to 1.7 pick the slower strategy at the fewest points (7 of 88, near ties); 1 (no
-# growth) at 10 points, up to 2.4x slower, and 2 at 13. Beyond two threads (more than this machine has) it is an
-# extrapolation.
+# transposes less (``sddmm._transpose_into``), so their term grows with threads ** CPU_CSR_THREAD_EXPONENT. In the
+# committed two-thread run a factor of 1.2-1.4 picks the faster strategy at all 88 points; 1 (no growth) the slower
+# at 3 (up to 1.64x), 1.7 at 6 and 2 at 12 (in another run 1.2-1.7 did best, 7 near ties). Beyond two threads (more
+# than this machine has) it is an extrapolation.
 CPU_CSR_ENTRY_COST = 6.7
 CPU_CSR_FEATURE_COST = 118.0
 CPU_CSR_THREAD_EXPONENT = 0.5
