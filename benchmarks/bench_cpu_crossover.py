@@ -35,12 +35,13 @@ DENSITIES = (0.005, 0.02, 0.05, 0.1)
 TOKENS = (128, 512, 2048)
 # the largest dense product timed (tokens * rows * cols): keeps the grid to a few minutes
 MAX_WORK = 2048 * 1024 * 1024
+REPEATS = 15
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls per point (5 for the largest)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed calls per point (5 for the largest)")
     parser.add_argument("--small", action="store_true", help="three shapes, two densities, 128 tokens")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -65,15 +66,10 @@ def _median_seconds(fn, repeats: int, flush: torch.Tensor) -> float:
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
-    shapes, densities, tokens = (
-        (SHAPES[:2] + SHAPES[5:6], DENSITIES[1:3], TOKENS[:1])
-        if args.small
-        else (
-            SHAPES,
-            DENSITIES,
-            TOKENS,
-        )
-    )
+    if args.small:
+        shapes, densities, tokens = SHAPES[:2] + SHAPES[5:6], DENSITIES[1:3], TOKENS[:1]
+    else:
+        shapes, densities, tokens = SHAPES, DENSITIES, TOKENS
     flush = torch.ones(8 << 20)
     generator = torch.Generator().manual_seed(0)
     rows_out = []
@@ -98,7 +94,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 csr = _median_seconds(lambda operands=operands: sddmm_csr(*operands), repeats, flush)
                 dense = _median_seconds(lambda operands=operands: sddmm_dense(*operands), repeats, flush)
                 estimate = dispatch.cpu_csr_cost_ratio(rows, cols, k, args.threads)
-                chosen = "csr" if estimate < 1.0 else "dense"
+                chosen = "csr" if dispatch.cpu_csr_is_faster(rows, cols, k, args.threads) else "dense"
                 record = {
                     "tokens": n_tokens,
                     "rows": rows,
@@ -166,7 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
         "threads": args.threads,
         "command": "python benchmarks/bench_cpu_crossover.py "
-        + " ".join(a for a in (f"--threads {args.threads}", "--small" if args.small else "") if a),
+        + " ".join(
+            a
+            for a in (
+                f"--threads {args.threads}",
+                f"--repeats {args.repeats}" if args.repeats != REPEATS else "",
+                "--small" if args.small else "",
+            )
+            if a
+        ),
         "rule": {
             "entry_cost": dispatch.CPU_CSR_ENTRY_COST,
             "feature_cost": dispatch.CPU_CSR_FEATURE_COST,

@@ -122,8 +122,8 @@ def _bench_train_ratios(root: Path, folder: str) -> str:
     meta, records = _bench_train(root, folder)
     lora = next(r for r in records if r["method"] == "lora")
     # methods interleaved update by update in one process, when that run is committed too: steadier ratios
-    interleaved_path = root / "benchmarks" / "results" / folder / "interleaved.json"
-    interleaved = json.loads(interleaved_path.read_text()) if interleaved_path.exists() else None
+    interleaved_file = f"benchmarks/results/{folder}/interleaved.json"
+    interleaved = _read_json(root, interleaved_file) if (root / interleaved_file).exists() else None
     rows = []
     for r in records:
         if r["method"] == "lora":
