@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from . import _device
 from .kernels import SortedPositions, sddmm, sorted_positions
 
 # observer(a, b, ncols, indices, values_grad): called in the backward with the two factors of the dense weight
@@ -389,7 +390,7 @@ def sparse_delta_linear(
         # hold the forward's merge for the backward only when a backward product with W + delta will come, and only
         # on the CPU: the backward's check of the hold reads a result on the host, which on a GPU would stall the
         # queue once per layer, and there the merges are small next to the products
-        hold = torch.is_grad_enabled() and x_compute.requires_grad and x_compute.device.type == "cpu"
+        hold = torch.is_grad_enabled() and x_compute.requires_grad and _device.host_reads_are_free(x_compute.device)
         out = _SparseDeltaLinear.apply(
             x_compute, bias, indices, values, base_weight, transposed, compute_dtype, observer, backend, hold
         )

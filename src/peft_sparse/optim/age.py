@@ -16,14 +16,20 @@ over the moments), so the corrected update differs from the exact per-age one by
 torch's own update does from the exact global-step one. This holds for every torch Adam/AdamW implementation
 (for-loop, foreach, fused, capturable, amsgrad, maximize). Other optimizers keep their own global-step correction
 (logged once).
+
+On the CPU the ages' range is read to compute the coefficients once per distinct age. On an accelerator nothing is
+read on the host (that would wait for the device once per parameter and update): each entry's coefficients are
+computed from its age, and the step's from the optimizer's step count, as tensors on the device.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
+from .. import _device
 from .sm3 import SM3
 
 logger = logging.getLogger(__name__)
@@ -36,29 +42,35 @@ def supports_per_entry_age(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _update_coefficients(
-    ages: torch.Tensor, low: int, high: int, t: int, beta1: float, beta2: float, lr: float, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    ages: torch.Tensor, span: Optional[tuple[int, int]], t, beta1: float, beta2: float, lr: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch's Adam update rewritten as ``m * k1 / (sqrt(v) + k2)``: per entry ``k1`` and ``k2`` (float32) for the
-    entries' ages and, as Python floats, for the global step ``t``.
+    entries' ages and, as one-entry tensors, for the global step ``t`` (an int, or a tensor holding it).
 
     With ``c = sqrt(1 - beta2**a)``: ``lr * (m / (1 - beta1**a)) / (sqrt(v) / c + eps) = m * k1 / (sqrt(v) + k2)``,
     ``k1 = lr * c / (1 - beta1**a)``, ``k2 = eps * c``, computed in float64 and rounded once to float32. Ages take few
-    distinct values (entries grown at the same reselection share one), so when the range ``[low, high]`` of ages is
-    shorter than the entries the coefficients are computed once per age and gathered. Either way an entry of age
-    ``t`` gets exactly the global step's coefficients.
+    distinct values (entries grown at the same reselection share one), so when their range ``span`` (``(low, high)``,
+    including ``t``) is known and shorter than the entries the coefficients are computed once per age and gathered;
+    else once per entry. Either way an entry of age ``t`` gets exactly the global step's coefficients (the same
+    operations on the same number).
     """
 
     def coefficients(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = (1 - beta2**steps).sqrt()
         return (lr * c / (1 - beta1**steps)).float(), (eps * c).float()
 
-    if high - low + 1 <= ages.numel():
+    if span is not None and span[1] - span[0] + 1 <= ages.numel():
+        low, high = span
         k1, k2 = coefficients(torch.arange(low, high + 1, dtype=torch.float64, device=ages.device))
-        offset = (ages - low).long()
-        return k1.index_select(0, offset), k2.index_select(0, offset), float(k1[t - low]), float(k2[t - low])
-    step = torch.tensor([float(t)], dtype=torch.float64, device=ages.device)
+        offset = ages - low if ages.dtype in (torch.int32, torch.int64) else (ages - low).long()
+        at_step = slice(t - low, t - low + 1)
+        return k1.index_select(0, offset), k2.index_select(0, offset), k1[at_step], k2[at_step]
+    if isinstance(t, torch.Tensor):  # the step count on the device: no copy through the host
+        step = t.to(device=ages.device, dtype=torch.float64).reshape(1)
+    else:
+        step = torch.full((1,), float(t), dtype=torch.float64, device=ages.device)
     k1, k2 = coefficients(torch.cat([ages.double(), step]))
-    return k1[:-1], k2[:-1], float(k1[-1]), float(k2[-1])
+    return k1[:-1], k2[:-1], k1[-1:], k2[-1:]
 
 
 @torch.no_grad()
@@ -67,7 +79,9 @@ def correct_adam_step_for_age(optimizer: torch.optim.Optimizer, param: torch.Ten
 
     ``age`` (integer, one per entry of ``param``) counts the updates each entry has had including the one just made.
     Call right after ``optimizer.step()``. Does nothing (returns False) for optimizers other than torch Adam/AdamW,
-    for a parameter the optimizer holds no state of, and when every age equals the global step.
+    for a parameter the optimizer holds no state of, and, where the ages and the step count are read on the host
+    (on the CPU), when every age equals the global step (on an accelerator such entries get a correction of exactly 0
+    instead).
     """
     if not supports_per_entry_age(optimizer):
         name = type(optimizer).__name__
@@ -82,18 +96,24 @@ def correct_adam_step_for_age(optimizer: torch.optim.Optimizer, param: torch.Ten
     state = optimizer.state.get(param)
     if not state or "exp_avg" not in state or "step" not in state:
         return False
-    t = int(state["step"])
-    if t <= 0 or param.numel() == 0:
+    if param.numel() == 0:
         return False
     ages = age.to(device=param.device)
-    low, high = (int(a) for a in ages.aminmax())
-    if low == high == t:
-        return False
+    t, span = state["step"], None
+    if not isinstance(t, torch.Tensor) or _device.host_reads_are_free(t.device):
+        t = int(t)  # torch keeps the step count on the CPU unless the optimizer is fused or capturable
+        if t <= 0:
+            return False
+    if isinstance(t, int) and _device.host_reads_are_free(ages.device):
+        low, high = (int(a) for a in ages.aminmax())
+        if low == high == t:
+            return False
+        span = (min(low, t), max(high, t))
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps = float(group["lr"]), float(group["eps"])
     second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-    k1, k2, k1_step, k2_step = _update_coefficients(ages, min(low, t), max(high, t), t, beta1, beta2, lr, eps)
+    k1, k2, k1_step, k2_step = _update_coefficients(ages, span, t, beta1, beta2, lr, eps)
     exp_avg, root = state["exp_avg"].float(), second.float().sqrt()
     # the same operations in the same order for both updates: an entry of age t gets a correction of exactly 0
     age_update = (exp_avg * k1).div_(k2.add_(root))

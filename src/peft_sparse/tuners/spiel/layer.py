@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ... import _device
 from ...delta import check_delta, index_dtype_for
 from ...kernels import sddmm
 from ...kernels.positions import rows_and_cols
@@ -286,8 +287,9 @@ class SpIELLayer(SparseDeltaLayer):
                 # gradient clipping scales every gradient of the update by one factor: measure it on the values
                 stepped = distributed.full_tensor(values.grad).float().norm()
                 backward = distributed.average_across_ranks(pending_values).norm()
-                if float(backward) > 0:
-                    pending.mul_((stepped / backward).to(pending.device))
+                # no host read of the norms: a factor of 1 when the backward's gradient was zero
+                scale = torch.where(backward > 0, stepped / backward, torch.ones_like(backward))
+                pending.mul_(scale.to(pending.device))
             self.spiel_candidate_grad[adapter_name] += pending
             self.spiel_candidate_sq[adapter_name] += pending * pending
         if is_reselection_step(step, config.reselection_steps, config.total_steps, config.accumulation_steps):
@@ -314,11 +316,12 @@ class SpIELLayer(SparseDeltaLayer):
         if self.spiel_age[adapter_name].numel() != values.numel():  # values replaced outside set_delta
             self._reset_entry_state(adapter_name, age=self.current_step(adapter_name) - 1)
         age = self.spiel_age[adapter_name]
-        state = optimizer.state.get(values, {})
-        if "step" in state:
-            age.add_(1).clamp_(max=int(float(state["step"])))
-        else:
-            age.add_(1)
+        step = optimizer.state.get(values, {}).get("step")
+        age.add_(1)
+        if isinstance(step, torch.Tensor) and not _device.host_reads_are_free(step.device):
+            age.clamp_(max=step.to(device=age.device, dtype=age.dtype))  # a fused optimizer's count: not read
+        elif step is not None:
+            age.clamp_(max=int(float(step)))
         distributed.correct_adam_step_for_age(optimizer, values, age)
 
     @torch.no_grad()
