@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import traceback
 from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -118,6 +121,53 @@ def assert_state_equal(model: nn.Module, expected: dict[str, torch.Tensor]) -> N
     assert set(state) == set(expected), sorted(set(state) ^ set(expected))
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
+
+
+# ----------------------------------------------------------------------------------------- host reads
+# aten ops that read a tensor's values on the host (on an accelerator: wait for the device): item/int/float/bool,
+# output sizes that depend on the values, comparisons returning a Python bool
+_READING_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "equal",
+    "is_nonzero",
+    "allclose",
+    "bincount",
+    "histc",
+}
+
+
+class HostReads(TorchDispatchMode):
+    """Within the block, record every op that reads tensor values on the host when it is called from peft_sparse's
+    code (``reads``: ``(op, "file:line")`` pairs): the ops in ``_READING_OPS``, indexing with a boolean mask and
+    ``repeat_interleave`` without ``output_size``. On the CPU these cost nothing; on an accelerator each one waits
+    for the device. Reads made by torch on its own behalf (e.g. an optimizer reading its CPU step count) are not
+    peft_sparse's and are not recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        reads = name in _READING_OPS
+        if name in ("index", "index_put", "index_put_") and len(args) > 1:
+            reads = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
+        if name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and kwargs.get("output_size") is None:
+            reads = True
+        if reads:
+            ours = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}peft_sparse{os.sep}" in f.filename]
+            if ours:
+                where = ours[-1]
+                self.reads.append((name, f"{Path(where.filename).name}:{where.lineno}"))
+        return func(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------- benchmark scripts

@@ -52,9 +52,8 @@ def build_sorted_positions(indices: torch.Tensor, nrows: int, ncols: int) -> Sor
     idx = indices.detach().long()
     ordered, perm = torch.sort(idx)
     rows, col = rows_and_cols(ordered, ncols)
-    crow = torch.zeros(nrows + 1, dtype=torch.int64, device=idx.device)
-    if idx.numel():
-        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=nrows)[:nrows], 0)
+    # row r starts where the sorted rows reach r (a search, not a count: no host read of the largest row)
+    crow = torch.searchsorted(rows, torch.arange(nrows + 1, dtype=torch.int64, device=idx.device))
     return SortedPositions(perm=perm, sorted=ordered, crow=crow, col=col, nrows=nrows, ncols=ncols)
 
 

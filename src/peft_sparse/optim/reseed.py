@@ -50,12 +50,15 @@ def reseed_optimizer_state(
         return
     slots = slots.to(param.device)
     if "exp_avg" in state and "exp_avg_sq" in state:
-        step = float(state["step"]) if "step" in state else 0.0
-        if age is not None and supports_per_entry_age(optimizer):
-            step = float(age)
+        step = 0.0
+        if first_moment is not None and second_moment is not None:
+            if age is not None and supports_per_entry_age(optimizer):
+                step = float(age)
+            elif "step" in state:
+                step = float(state["step"])
         beta1, beta2 = _group_of(optimizer, param)["betas"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        if first_moment is not None and second_moment is not None and step > 0:
+        if step > 0:
             exp_avg[slots] = (first_moment.float() * (1 - beta1**step)).to(exp_avg.device, exp_avg.dtype)
             exp_avg_sq[slots] = (second_moment.float() * (1 - beta2**step)).to(exp_avg_sq.device, exp_avg_sq.dtype)
         else:

@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import _device
 from ..kernels import topk_outer_product_many
 from ..kernels.sddmm import mm_float32
 
@@ -31,11 +32,14 @@ def is_member(sorted_set: torch.Tensor, query: torch.Tensor, assume_sorted: bool
     ``_MEMBER_TABLE_SPAN`` times the set and query sizes together (one write per set entry, one read per query, no
     binary searches); other queries by binary search, sorted first when large (the searches then walk the set
     forwards).
-    With ``assume_sorted=False`` the set may be in any order: it is sorted only if the binary search needs it.
+    With ``assume_sorted=False`` the set may be in any order: it is sorted only if the binary search needs it. The
+    table's size comes from the values' range, read on the host, so off the CPU (where that read would wait for the
+    device) the binary search is used.
     """
     if sorted_set.numel() == 0 or query.numel() == 0:
         return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
-    if query.numel() >= _MEMBER_TABLE_MIN_QUERY and not query.is_floating_point():
+    table_sized = query.numel() >= _MEMBER_TABLE_MIN_QUERY and not query.is_floating_point()
+    if table_sized and _device.host_reads_are_free(query.device):
         if assume_sorted:
             set_low, set_high = int(sorted_set[0]), int(sorted_set[-1])
         else:
@@ -320,10 +324,12 @@ def plan_drop(
     if k <= 0 or indices.numel() == 0:
         return empty, empty
     drop = drop_smallest(values, k)
-    keep = torch.ones(indices.numel(), dtype=torch.bool, device=indices.device)
-    keep[drop] = False
-    excluded = torch.sort((indices if exclude_dropped else indices[keep]).long()).values
-    return drop, excluded
+    if exclude_dropped:
+        return drop, torch.sort(indices.long()).values
+    # the kept positions, sorted: the dropped ones are moved past every position and cut off (a mask would need
+    # its count read on the host)
+    marked = indices.long().index_fill(0, drop, torch.iinfo(torch.int64).max)
+    return drop, torch.sort(marked).values[: indices.numel() - drop.numel()]
 
 
 def place_growth(
@@ -339,9 +345,15 @@ def place_growth(
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty, empty
     grown = (positions_of(choices) if positions_of is not None else choices).to(device=device, dtype=torch.long)
+    if grown.numel() > drop.numel():
+        raise ValueError(f"growth chose {grown.numel()} positions for {drop.numel()} dropped slots")
     dropped_positions = indices[drop].long()
-    regrown = is_member(dropped_positions, grown, assume_sorted=False)
-    new_positions = grown[~regrown]
-    freed = drop[~is_member(grown, dropped_positions, assume_sorted=False)]
-    slots = freed[: new_positions.numel()]
-    return slots, new_positions, choices.to(device)[~regrown.to(choices.device)]
+    is_new = ~is_member(dropped_positions, grown, assume_sorted=False)
+    is_freed = ~is_member(grown, dropped_positions, assume_sorted=False)
+    # the one host read: how many grown positions are new. At most len(grown) <= len(drop) slots are freed, and at
+    # least as many as there are new positions (the positions are distinct), so the first ones of a drop-sized
+    # selection are real.
+    new_count = int(is_new.sum())
+    new = torch.nonzero_static(is_new, size=new_count).squeeze(1)
+    slots = drop.index_select(0, torch.nonzero_static(is_freed, size=drop.numel()).squeeze(1)[:new_count])
+    return slots, grown.index_select(0, new), choices.to(device).index_select(0, new.to(choices.device))
