@@ -6,7 +6,7 @@
 #                                                     # interpreter), to know the script works up to the CUDA calls
 #
 # Steps, each under its own time limit so that the whole stays inside the budget, each writing into OUT:
-#   1. tests: the CUDA tests of the kernels and the hot-path tests            -> OUT/tests.log
+#   1. tests: the CUDA tests of the kernels, the hot path and host reads      -> OUT/tests.log
 #   2. kernel strategies at Llama-7B shapes, densities 0.3/1/2.3 %, one
 #      reselection and SpIEL-MA growth of 28 projections (Triton and the
 #      threshold search per matrix, and batched)                              -> OUT/bench_kernels_*.{json,md,png}
@@ -40,7 +40,8 @@ if [ "$DEVICE" = cuda ]; then
         echo "gpu_check: CUDA is not available; for a dry run use: $0 --device cpu --small" >&2
         exit 2
     fi
-    TESTS=(tests/kernels/test_kernels.py tests/kernels/test_hotpath.py tests/kernels/test_dequantize_nf4.py)
+    TESTS=(tests/kernels/test_kernels.py tests/kernels/test_hotpath.py tests/kernels/test_dequantize_nf4.py
+           tests/test_host_reads.py)
     TEST_FILTER="cuda or test_hotpath"
     KERNEL_ARGS=(--device cuda --tokens 2048,8192 --densities 0.003,0.01,0.023 --repeats 10 --budget-s 1)
     TRAIN_ARGS=(--preset gpu-7b-2layer --methods lora,spiel-ag,spiel-ma --gradient-checkpointing off)

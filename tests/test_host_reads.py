@@ -153,3 +153,39 @@ def test_membership_and_row_pointers_read_nothing_off_the_cpu(reads_wait):
     assert torch.equal(
         order.crow, torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(rows, minlength=64).cumsum(0)])
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("selection, optimizer_name", [("ag", "adamw"), ("random", "adamw"), ("ma", "sm3")])
+def test_cuda_updates_do_not_synchronize(selection, optimizer_name):
+    # on a real device: torch raises on any synchronisation during the updates that neither reselect nor start an
+    # estimation phase (the first update is left free: the value gradient's strategy is timed once per shape)
+    config = SpIELConfig(
+        target_modules=TARGETS,
+        match_lora_rank=2,
+        selection=selection,
+        reselection_steps=RESELECTION_STEPS,
+        accumulation_steps=ACCUMULATION_STEPS,
+    )
+    model = get_peft_model(tiny_llama().cuda(), config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer_name == "sm3":
+        optimizer = peft_sparse.SM3(params, lr=1e-2)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = token_batch(batch=2, length=9).cuda()
+    checked = 0
+    for step in range(1, UPDATES + 1):
+        starts_phase = in_estimation_phase(step, *PHASE) and not in_estimation_phase(step - 1, *PHASE)
+        quiet = step > 1 and not is_reselection_step(step, RESELECTION_STEPS, None, ACCUMULATION_STEPS)
+        quiet = quiet and not (selection == "ag" and starts_phase)
+        torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+        try:
+            model(input_ids=batch, labels=batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked += quiet
+    assert checked >= 4
