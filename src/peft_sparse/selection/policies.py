@@ -326,10 +326,10 @@ def plan_drop(
     drop = drop_smallest(values, k)
     if exclude_dropped:
         return drop, torch.sort(indices.long()).values
-    # the kept positions, sorted: the dropped ones are moved past every position and cut off (a mask would need
-    # its count read on the host)
-    marked = indices.long().index_fill(0, drop, torch.iinfo(torch.int64).max)
-    return drop, torch.sort(marked).values[: indices.numel() - drop.numel()]
+    keep = torch.ones(indices.numel(), dtype=torch.bool, device=indices.device).index_fill_(0, drop, False)
+    # the drop slots are distinct, so the count of kept ones is known without reading the mask
+    kept = torch.nonzero_static(keep, size=indices.numel() - drop.numel()).squeeze(1)
+    return drop, torch.sort(indices.index_select(0, kept).long()).values
 
 
 def place_growth(
