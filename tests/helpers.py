@@ -12,6 +12,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     GPT2Config,
@@ -143,16 +144,15 @@ _READING_OPS = {
 }
 
 
-class HostReads(TorchDispatchMode):
-    """Within the block, record every op that reads tensor values on the host when it is called from peft_sparse's
-    code (``reads``: ``(op, "file:line")`` pairs): the ops in ``_READING_OPS``, indexing with a boolean mask and
-    ``repeat_interleave`` without ``output_size``. On the CPU these cost nothing; on an accelerator each one waits
-    for the device. Reads made by torch on its own behalf (e.g. an optimizer reading its CPU step count) are not
-    peft_sparse's and are not recorded."""
+def _caller_in_peft_sparse() -> str | None:
+    ours = [f for f in traceback.extract_stack()[:-2] if f"{os.sep}peft_sparse{os.sep}" in f.filename]
+    return f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else None
 
-    def __init__(self) -> None:
+
+class _ReadingOps(TorchDispatchMode):
+    def __init__(self, reads: list) -> None:
         super().__init__()
-        self.reads: list[tuple[str, str]] = []
+        self.reads = reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -162,12 +162,47 @@ class HostReads(TorchDispatchMode):
             reads = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
         if name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and kwargs.get("output_size") is None:
             reads = True
-        if reads:
-            ours = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}peft_sparse{os.sep}" in f.filename]
-            if ours:
-                where = ours[-1]
-                self.reads.append((name, f"{Path(where.filename).name}:{where.lineno}"))
+        where = _caller_in_peft_sparse() if reads else None
+        if where:
+            self.reads.append((name, where))
         return func(*args, **kwargs)
+
+
+class _ReadingMethods(TorchFunctionMode):
+    # whole-tensor conversions that never reach the dispatcher for CPU tensors
+    METHODS = {"tolist", "numpy"}
+
+    def __init__(self, reads: list) -> None:
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        where = _caller_in_peft_sparse() if name in self.METHODS else None
+        if where:
+            self.reads.append((name, where))
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads:
+    """Within the ``with`` block, record every read of tensor values on the host made from peft_sparse's code
+    (``reads``: ``(op, "file:line")`` pairs): the ops in ``_READING_OPS``, indexing with a boolean mask,
+    ``repeat_interleave`` without ``output_size``, ``tolist`` and ``numpy``. On the CPU these cost nothing; on an
+    accelerator each one waits for the device. Reads made by torch on its own behalf (e.g. an optimizer reading its
+    CPU step count) are not peft_sparse's and are not recorded."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[str, str]] = []
+        self._modes = (_ReadingMethods(self.reads), _ReadingOps(self.reads))
+
+    def __enter__(self) -> "HostReads":
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
 
 
 # ----------------------------------------------------------------------------------------- benchmark scripts

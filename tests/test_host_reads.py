@@ -29,9 +29,9 @@ def reads_wait(monkeypatch):
     monkeypatch.setattr(_device, "host_reads_are_free", lambda device: False)
 
 
-def train(selection: str, optimizer_name: str) -> tuple[dict, list[list[tuple[str, str]]]]:
-    """``UPDATES`` updates of a tiny Llama; returns every layer's final indices and values and the reads of each
-    update."""
+def train(selection: str, optimizer_name: str) -> tuple[dict, list[list[tuple[str, str]]], int]:
+    """``UPDATES`` updates of a tiny Llama; returns every layer's final indices and values, the reads of each update
+    and the number of distinct weight shapes."""
     config = SpIELConfig(
         target_modules=TARGETS,
         match_lora_rank=2,
@@ -55,28 +55,31 @@ def train(selection: str, optimizer_name: str) -> tuple[dict, list[list[tuple[st
             optimizer.step()
             optimizer.zero_grad()
         reads.append(recorder.reads)
+    layers = spiel_layers(model)
     state = {
         name: (layer.sparse_indices["default"].clone(), layer.sparse_values["default"].detach().clone())
-        for name, layer in spiel_layers(model).items()
+        for name, layer in layers.items()
     }
-    return state, reads
+    return state, reads, len({tuple(layer.weight_shape) for layer in layers.values()})
 
 
 @pytest.mark.parametrize(
     "selection, optimizer_name", [("ag", "adamw"), ("random", "adamw"), ("ma", "sm3"), ("ma", "adamw")]
 )
 def test_updates_read_nothing_off_the_cpu_and_train_the_same(selection, optimizer_name, monkeypatch):
-    expected, cpu_reads = train(selection, optimizer_name)
+    expected, cpu_reads, _ = train(selection, optimizer_name)
     assert any(cpu_reads), "the CPU paths read on the host (else this test would show nothing)"
     monkeypatch.setattr(_device, "host_reads_are_free", lambda device: False)
-    got, reads = train(selection, optimizer_name)
+    got, reads, shapes = train(selection, optimizer_name)
     adapters = len(got)
     assert adapters == 2 * len(TARGETS)
     for step, update_reads in enumerate(reads, start=1):
         starts_phase = in_estimation_phase(step, *PHASE) and not in_estimation_phase(step - 1, *PHASE)
         if is_reselection_step(step, RESELECTION_STEPS, None, ACCUMULATION_STEPS):
-            # how many grown positions are new (one read per adapter); SpIEL-AG also how many candidates it may grow
-            assert len(update_reads) <= (2 if selection == "ag" else 1) * adapters, (step, update_reads)
+            # how many grown positions are new (one read per adapter); SpIEL-AG also how many candidates it may
+            # grow; SpIEL-MA's growth of all adapters at once a few per distinct weight shape and one for its checks
+            limit = {"ag": 2 * adapters, "random": adapters, "ma": adapters + 4 * shapes + 1}[selection]
+            assert len(update_reads) <= limit, (step, update_reads)
         elif selection == "ag" and starts_phase:
             # SpIEL-AG's candidates, once per estimation phase: the top-k of a dense gradient, cut at a threshold
             assert len(update_reads) <= 2 * adapters, (step, update_reads)
