@@ -15,7 +15,7 @@ import peft_sparse
 from peft_sparse import SpIELConfig, _device
 from peft_sparse.kernels.positions import build_sorted_positions
 from peft_sparse.optim import correct_adam_step_for_age
-from peft_sparse.selection import is_member, place_growth, plan_drop
+from peft_sparse.selection import grow_by_accumulated_gradient, is_member, place_growth, plan_drop
 from peft_sparse.selection.schedule import in_estimation_phase, is_reselection_step
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,9 +76,9 @@ def test_updates_read_nothing_off_the_cpu_and_train_the_same(selection, optimize
     for step, update_reads in enumerate(reads, start=1):
         starts_phase = in_estimation_phase(step, *PHASE) and not in_estimation_phase(step - 1, *PHASE)
         if is_reselection_step(step, RESELECTION_STEPS, None, ACCUMULATION_STEPS):
-            # how many grown positions are new (one read per adapter); SpIEL-AG also how many candidates it may
-            # grow; SpIEL-MA's growth of all adapters at once a few per distinct weight shape and one for its checks
-            limit = {"ag": 2 * adapters, "random": adapters, "ma": adapters + 4 * shapes + 1}[selection]
+            # how many grown positions are new (one read per adapter); SpIEL-MA's growth of all adapters at once a
+            # few per distinct weight shape and one for its checks
+            limit = {"ag": adapters, "random": adapters, "ma": adapters + 4 * shapes + 1}[selection]
             assert len(update_reads) <= limit, (step, update_reads)
         elif selection == "ag" and starts_phase:
             # SpIEL-AG's candidates, once per estimation phase: the top-k of a dense gradient, cut at a threshold
@@ -137,6 +137,13 @@ def test_drop_and_growth_plans_read_at_most_once_off_the_cpu(reads_wait):
     regrown = torch.isin(grown, dropped)
     assert torch.equal(new_positions, grown[~regrown]) and torch.equal(chosen, grown[~regrown])
     assert torch.equal(slots, drop[~torch.isin(dropped, grown)][: new_positions.numel()])
+    # SpIEL-AG's growth among as many distinct candidates as entries: at least k are allowed, nothing is read
+    candidates = torch.randperm(numel, generator=gen)[:4_000]
+    recorder.reads.clear()
+    with recorder:
+        chosen = grow_by_accumulated_gradient(candidates, torch.randn(4_000, generator=gen), excluded, 1_500)
+    assert recorder.reads == [] and chosen.numel() == 1_500
+    assert not torch.isin(candidates[chosen], excluded).any()
     with pytest.raises(ValueError, match="growth chose 1501 positions for 1500 dropped slots"):
         place_growth(indices, drop, torch.arange(1_501) + numel)
 

@@ -115,6 +115,9 @@ def test_accumulated_gradient_growth_skips_kept_positions():
     mean = torch.tensor([0.1, -0.9, 0.5, 0.4, -0.2])
     chosen = grow_by_accumulated_gradient(candidates, mean, torch.tensor([3]), 3)
     assert candidates[chosen].tolist() == [7, 20, 5]
+    # fewer allowed candidates than asked for: only those
+    chosen = grow_by_accumulated_gradient(candidates[:3], mean[:3], torch.tensor([3, 7]), 2)
+    assert candidates[chosen].tolist() == [10]
 
 
 def test_random_growth_is_unique_outside_the_excluded_set_and_seeded():

@@ -178,7 +178,10 @@ def grow_by_accumulated_gradient(
     ``|mean_grad|``, best first."""
     allowed = ~is_member(excluded_sorted, candidates.long())
     scores = mean_grad.abs().float().masked_fill(~allowed, -1.0)
-    k = min(k, int(allowed.sum()))
+    # the candidates are distinct positions, so at most len(excluded) of them are excluded: when that leaves k, the
+    # count of allowed ones need not be read
+    if candidates.numel() - excluded_sorted.numel() < k:
+        k = min(k, int(allowed.sum()))
     if k == 0:
         return torch.zeros(0, dtype=torch.long, device=candidates.device)
     return torch.topk(scores, k, sorted=True).indices
