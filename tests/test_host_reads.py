@@ -29,9 +29,10 @@ def reads_wait(monkeypatch):
     monkeypatch.setattr(_device, "host_reads_are_free", lambda device: False)
 
 
-def train(selection: str, optimizer_name: str) -> tuple[dict, list[list[tuple[str, str]]], int]:
-    """``UPDATES`` updates of a tiny Llama; returns every layer's final indices and values, the reads of each update
-    and the number of distinct weight shapes."""
+def train(selection: str, optimizer_name: str, mixed: bool = False) -> tuple[dict, list[list[tuple[str, str]]], int]:
+    """``UPDATES`` updates of a tiny Llama (with ``mixed``: under bfloat16 autocast, with gradient checkpointing);
+    returns every layer's final indices and values, the reads of each update and the number of distinct weight
+    shapes."""
     config = SpIELConfig(
         target_modules=TARGETS,
         match_lora_rank=2,
@@ -39,7 +40,11 @@ def train(selection: str, optimizer_name: str) -> tuple[dict, list[list[tuple[st
         reselection_steps=RESELECTION_STEPS,
         accumulation_steps=ACCUMULATION_STEPS,
     )
-    model = get_peft_model(tiny_llama(), config)
+    base = tiny_llama()
+    if mixed:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.train()
+    model = get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer_name == "sm3":
         optimizer = peft_sparse.SM3(params, lr=1e-2)
@@ -50,7 +55,9 @@ def train(selection: str, optimizer_name: str) -> tuple[dict, list[list[tuple[st
     for _ in range(UPDATES):
         recorder = HostReads()
         with recorder:
-            model(input_ids=batch, labels=batch).loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad()
@@ -64,13 +71,15 @@ def train(selection: str, optimizer_name: str) -> tuple[dict, list[list[tuple[st
 
 
 @pytest.mark.parametrize(
-    "selection, optimizer_name", [("ag", "adamw"), ("random", "adamw"), ("ma", "sm3"), ("ma", "adamw")]
+    "selection, optimizer_name, mixed",
+    [("ag", "adamw", False), ("random", "adamw", False), ("ma", "sm3", False), ("ma", "adamw", False)]
+    + [("ag", "adamw", True)],  # bfloat16 autocast (a fresh W + delta per product) and gradient checkpointing
 )
-def test_updates_read_nothing_off_the_cpu_and_train_the_same(selection, optimizer_name, monkeypatch):
-    expected, cpu_reads, _ = train(selection, optimizer_name)
+def test_updates_read_nothing_off_the_cpu_and_train_the_same(selection, optimizer_name, mixed, monkeypatch):
+    expected, cpu_reads, _ = train(selection, optimizer_name, mixed)
     assert any(cpu_reads), "the CPU paths read on the host (else this test would show nothing)"
     monkeypatch.setattr(_device, "host_reads_are_free", lambda device: False)
-    got, reads, shapes = train(selection, optimizer_name)
+    got, reads, shapes = train(selection, optimizer_name, mixed)
     adapters = len(got)
     assert adapters == 2 * len(TARGETS)
     for step, update_reads in enumerate(reads, start=1):
