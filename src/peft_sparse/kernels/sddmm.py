@@ -315,15 +315,15 @@ def sddmm_csr(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: in
         pattern = torch.sparse_csr_tensor(
             order.crow, order.col, torch.zeros(k, dtype=torch.float32, device=a.device), (a.shape[1], ncols)
         )
-        # on the CPU in runs of tokens, so that a run of b (read at random columns) stays in cache
+        # on the CPU in runs of tokens, so that a run of b (read at random columns) stays in cache; each product
+        # accumulates into the pattern itself (out= the input: no copy of its values and indices per run)
         chunk = CSR_CPU_TOKEN_CHUNK if a.device.type == "cpu" else a.shape[0]
-        sampled = pattern
         for n, (a_run, b_run) in enumerate(
             zip(token_major_chunks(a, chunk, role="a"), token_major_chunks(b, chunk, role="b"))
         ):
-            sampled = torch.sparse.sampled_addmm(sampled, a_run, b_run.t(), beta=0.0 if n == 0 else 1.0)
+            torch.sparse.sampled_addmm(pattern, a_run, b_run.t(), beta=0.0 if n == 0 else 1.0, out=pattern)
     # every slot is written: perm is a permutation of them
-    return torch.empty(k, dtype=torch.float32, device=a.device).index_copy_(0, order.perm, sampled.values())
+    return torch.empty(k, dtype=torch.float32, device=a.device).index_copy_(0, order.perm, pattern.values())
 
 
 def mm_float32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
