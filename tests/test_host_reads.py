@@ -29,10 +29,9 @@ def reads_wait(monkeypatch):
     monkeypatch.setattr(_device, "host_reads_are_free", lambda device: False)
 
 
-def train(selection: str, optimizer_name: str, mixed: bool = False) -> tuple[dict, list[list[tuple[str, str]]], int]:
-    """``UPDATES`` updates of a tiny Llama (with ``mixed``: under bfloat16 autocast, with gradient checkpointing);
-    returns every layer's final indices and values, the reads of each update and the number of distinct weight
-    shapes."""
+def build(selection: str, optimizer_name: str, mixed: bool = False, device: str = "cpu"):
+    """A tiny Llama with SpIEL on every projection (with ``mixed``: gradient checkpointing on), its trainable
+    parameters and an optimizer for them."""
     config = SpIELConfig(
         target_modules=TARGETS,
         match_lora_rank=2,
@@ -40,16 +39,30 @@ def train(selection: str, optimizer_name: str, mixed: bool = False) -> tuple[dic
         reselection_steps=RESELECTION_STEPS,
         accumulation_steps=ACCUMULATION_STEPS,
     )
-    base = tiny_llama()
+    base = tiny_llama().to(device)
     if mixed:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.train()
     model = get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer_name == "sm3":
-        optimizer = peft_sparse.SM3(params, lr=1e-2)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+        return model, params, peft_sparse.SM3(params, lr=1e-2)
+    return model, params, torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+
+
+def update_kind(step: int, selection: str) -> str:
+    """``"reselection"`` if update ``step`` ends with one, ``"phase start"`` if it starts a SpIEL-AG estimation
+    phase, else ``"plain"``."""
+    if is_reselection_step(step, RESELECTION_STEPS, None, ACCUMULATION_STEPS):
+        return "reselection"
+    starts_phase = in_estimation_phase(step, *PHASE) and not in_estimation_phase(step - 1, *PHASE)
+    return "phase start" if selection == "ag" and starts_phase else "plain"
+
+
+def train(selection: str, optimizer_name: str, mixed: bool = False) -> tuple[dict, list[list[tuple[str, str]]], int]:
+    """``UPDATES`` updates (with ``mixed``: under bfloat16 autocast, with gradient checkpointing); returns every
+    layer's final indices and values, the reads of each update and the number of distinct weight shapes."""
+    model, params, optimizer = build(selection, optimizer_name, mixed)
     batch = token_batch(batch=2, length=9)
     reads = []
     for _ in range(UPDATES):
@@ -83,13 +96,13 @@ def test_updates_read_nothing_off_the_cpu_and_train_the_same(selection, optimize
     adapters = len(got)
     assert adapters == 2 * len(TARGETS)
     for step, update_reads in enumerate(reads, start=1):
-        starts_phase = in_estimation_phase(step, *PHASE) and not in_estimation_phase(step - 1, *PHASE)
-        if is_reselection_step(step, RESELECTION_STEPS, None, ACCUMULATION_STEPS):
+        kind = update_kind(step, selection)
+        if kind == "reselection":
             # how many grown positions are new (one read per adapter); SpIEL-MA's growth of all adapters at once a
             # few per distinct weight shape and one for its checks
             limit = {"ag": adapters, "random": adapters, "ma": adapters + 4 * shapes + 1}[selection]
             assert len(update_reads) <= limit, (step, update_reads)
-        elif selection == "ag" and starts_phase:
+        elif kind == "phase start":
             # SpIEL-AG's candidates, once per estimation phase: the top-k of a dense gradient, cut at a threshold
             assert len(update_reads) <= 2 * adapters, (step, update_reads)
         else:
@@ -179,25 +192,11 @@ def test_membership_and_row_pointers_read_nothing_off_the_cpu(reads_wait):
 def test_cuda_updates_do_not_synchronize(selection, optimizer_name):
     # on a real device: torch raises on any synchronisation during the updates that neither reselect nor start an
     # estimation phase (the first update is left free: the value gradient's strategy is timed once per shape)
-    config = SpIELConfig(
-        target_modules=TARGETS,
-        match_lora_rank=2,
-        selection=selection,
-        reselection_steps=RESELECTION_STEPS,
-        accumulation_steps=ACCUMULATION_STEPS,
-    )
-    model = get_peft_model(tiny_llama().cuda(), config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer_name == "sm3":
-        optimizer = peft_sparse.SM3(params, lr=1e-2)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model, params, optimizer = build(selection, optimizer_name, device="cuda")
     batch = token_batch(batch=2, length=9).cuda()
     checked = 0
     for step in range(1, UPDATES + 1):
-        starts_phase = in_estimation_phase(step, *PHASE) and not in_estimation_phase(step - 1, *PHASE)
-        quiet = step > 1 and not is_reselection_step(step, RESELECTION_STEPS, None, ACCUMULATION_STEPS)
-        quiet = quiet and not (selection == "ag" and starts_phase)
+        quiet = step > 1 and update_kind(step, selection) == "plain"
         torch.cuda.set_sync_debug_mode("error" if quiet else "default")
         try:
             model(input_ids=batch, labels=batch).loss.backward()
