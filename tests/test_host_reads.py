@@ -112,16 +112,17 @@ def test_updates_read_nothing_off_the_cpu_and_train_the_same(selection, optimize
         assert torch.equal(got[name][1], values), name
 
 
-def test_adam_age_correction_reads_nothing_off_the_cpu_and_matches_the_cpu_path(monkeypatch):
+@pytest.mark.parametrize("lr", [1e-2, torch.tensor(1e-2)], ids=["float-lr", "tensor-lr"])
+def test_adam_age_correction_reads_nothing_off_the_cpu_and_matches_the_cpu_path(lr, monkeypatch):
     torch.manual_seed(0)
     ages = torch.tensor([12] * 300 + [3] * 200 + [7] * 100 + [13] * 50, dtype=torch.int32)
     param = torch.nn.Parameter(torch.randn(ages.numel()))
-    opt = torch.optim.AdamW([param], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    opt = torch.optim.AdamW([param], lr=lr, betas=(0.9, 0.99), weight_decay=0.1, foreach=False)
     for _ in range(13):
         param.grad = torch.randn(ages.numel())
         opt.step()
     twin = torch.nn.Parameter(param.detach().clone())
-    twin_opt = torch.optim.AdamW([twin], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    twin_opt = torch.optim.AdamW([twin], lr=lr, betas=(0.9, 0.99), weight_decay=0.1, foreach=False)
     twin_opt.load_state_dict(opt.state_dict())
     assert correct_adam_step_for_age(opt, param, ages)  # the CPU: the range of ages read, one table of coefficients
     monkeypatch.setattr(_device, "host_reads_are_free", lambda device: False)

@@ -42,10 +42,11 @@ def supports_per_entry_age(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _update_coefficients(
-    ages: torch.Tensor, span: Optional[tuple[int, int]], t, beta1: float, beta2: float, lr: float, eps: float
+    ages: torch.Tensor, span: Optional[tuple[int, int]], t, beta1: float, beta2: float, lr, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch's Adam update rewritten as ``m * k1 / (sqrt(v) + k2)``: per entry ``k1`` and ``k2`` (float32) for the
-    entries' ages and, as one-entry tensors, for the global step ``t`` (an int, or a tensor holding it).
+    entries' ages and, as one-entry tensors, for the global step ``t`` (an int, or a tensor holding it); ``lr`` is a
+    float or a float64 tensor on the ages' device.
 
     With ``c = sqrt(1 - beta2**a)``: ``lr * (m / (1 - beta1**a)) / (sqrt(v) / c + eps) = m * k1 / (sqrt(v) + k2)``,
     ``k1 = lr * c / (1 - beta1**a)``, ``k2 = eps * c``, computed in float64 and rounded once to float32. Ages take few
@@ -111,7 +112,11 @@ def correct_adam_step_for_age(optimizer: torch.optim.Optimizer, param: torch.Ten
         span = (min(low, t), max(high, t))
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     beta1, beta2 = (float(b) for b in group["betas"])
-    lr, eps = float(group["lr"]), float(group["eps"])
+    lr, eps = group["lr"], float(group["eps"])
+    if isinstance(lr, torch.Tensor) and not _device.host_reads_are_free(lr.device):
+        lr = lr.to(device=ages.device, dtype=torch.float64)  # a device learning rate (capturable/fused Adam): not read
+    else:
+        lr = float(lr)
     second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
     k1, k2, k1_step, k2_step = _update_coefficients(ages, span, t, beta1, beta2, lr, eps)
     exp_avg, root = state["exp_avg"].float(), second.float().sqrt()
