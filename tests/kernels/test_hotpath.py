@@ -209,6 +209,23 @@ def test_rows_and_cols_of_flat_positions():
     assert rows.dtype == cols.dtype == torch.int64
 
 
+@pytest.mark.parametrize("ncols", [1, 2, 3, 7, 17, 1023, 1024, 1025, 2816, 11008, 14336, 2**20 + 7, 2**30, 2**31 - 1])
+def test_rows_and_cols_multiply_and_shift_int32_positions_exactly(ncols):
+    # int32 positions take a multiplication and a shift instead of a division: exact up to 2**31 - 1
+    gen = torch.Generator().manual_seed(ncols % 1000)
+    edges = [0, 1, ncols - 1, ncols, ncols + 1, 2**31 - 1, 2**31 - 2, (2**31 - 1) // ncols * ncols]
+    edges += [(2**31 - 1) // ncols * ncols - 1]
+    positions = torch.cat([torch.randint(0, 2**31 - 1, (50_000,), generator=gen), torch.tensor(edges)])
+    positions = positions.clamp(0, 2**31 - 1)
+    wide = positions.clone()  # int64: the division
+    rows, cols = rows_and_cols(positions.int(), ncols)
+    assert torch.equal(rows, torch.div(positions, ncols, rounding_mode="floor"))
+    assert torch.equal(cols, positions % ncols)
+    wide_rows, wide_cols = rows_and_cols(wide, ncols)
+    assert torch.equal(wide_rows, rows) and torch.equal(wide_cols, cols)
+    assert torch.equal(wide, positions)  # the int64 input is left as it was
+
+
 def test_build_sorted_positions_is_the_csr_of_the_positions():
     idx = torch.tensor([13, 2, 40, 7, 8, 39])
     order = build_sorted_positions(idx, 5, 9)
