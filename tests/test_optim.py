@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from peft_sparse import SM3
+from peft_sparse import SM3, _device
 from peft_sparse.optim import correct_adam_step_for_age, reseed_optimizer_state, sm3_accumulate
 
 
@@ -142,7 +142,10 @@ def test_other_optimizers_have_per_entry_state_reset():
     ],
     ids=["per-age-table", "per-entry"],
 )
-def test_adam_step_is_redone_with_each_entrys_own_bias_correction(ages):
+@pytest.mark.parametrize("reads_free", [True, False], ids=["cpu-paths", "accelerator-paths"])
+def test_adam_step_is_redone_with_each_entrys_own_bias_correction(ages, reads_free, monkeypatch):
+    # accelerator-paths: the coefficients per entry, the step's as a tensor, nothing read on the host
+    monkeypatch.setattr(_device, "host_reads_are_free", lambda device: reads_free)
     torch.manual_seed(0)
     lr, wd, (beta1, beta2), eps = 1e-2, 0.1, (0.9, 0.99), 1e-8
     param = torch.nn.Parameter(torch.randn(len(ages)))

@@ -353,10 +353,9 @@ def place_growth(
     dropped_positions = indices[drop].long()
     is_new = ~is_member(dropped_positions, grown, assume_sorted=False)
     is_freed = ~is_member(grown, dropped_positions, assume_sorted=False)
-    # the one host read: how many grown positions are new. At most len(grown) <= len(drop) slots are freed, and at
-    # least as many as there are new positions (the positions are distinct), so the first ones of a drop-sized
-    # selection are real.
+    # the one host read: how many grown positions are new. As len(grown) <= len(drop) and the positions are
+    # distinct, at least that many slots are freed: the first new_count of them take the new positions.
     new_count = int(is_new.sum())
     new = torch.nonzero_static(is_new, size=new_count).squeeze(1)
-    slots = drop.index_select(0, torch.nonzero_static(is_freed, size=drop.numel()).squeeze(1)[:new_count])
+    slots = drop.index_select(0, torch.nonzero_static(is_freed, size=new_count).squeeze(1))
     return slots, grown.index_select(0, new), choices.to(device).index_select(0, new.to(choices.device))
