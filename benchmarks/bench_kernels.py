@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -98,9 +99,25 @@ def main(argv: list[str] | None = None) -> int:
         print("  python benchmarks/bench_kernels.py --device cpu --small")
         return 0
     bench = Bench(args)
-    results = bench.run()
+    # A time limit (gpu_check.sh runs this under `timeout`) ends the run with SIGTERM: keep what was measured.
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    try:
+        results = bench.run()
+    except _Stopped as stop:
+        bench.results["meta"]["stopped_early"] = f"{stop} after {time.perf_counter() - bench.started:.0f} s"
+        write_results(bench.results, args.out)
+        print(f"bench_kernels: stopped early ({stop}); the files above hold the measurements made before it")
+        return 1
     write_results(results, args.out)
     return 0
+
+
+class _Stopped(BaseException):  # not Exception: the Triton interpreter wraps those
+    """Raised by the SIGTERM handler so that the measurements made so far are written."""
+
+
+def _stop_on_signal(signum: int, frame) -> None:
+    raise _Stopped(f"signal {signal.Signals(signum).name}")
 
 
 class Bench:
@@ -211,9 +228,11 @@ class Bench:
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         }
         results = {"meta": meta, "value_gradient": [], "layer": [], "apply_delta": [], "topk_outer_product": []}
-        results["nf4_dequant_delta"] = []
-        results["reselection"] = [] if self.args.no_reselection else self.bench_reselection()
-        results["ma_growth_batch"] = [] if self.args.no_reselection else self.bench_growth_batch()
+        results.update(nf4_dequant_delta=[], reselection=[], ma_growth_batch=[])
+        self.results, self.started = results, time.perf_counter()  # what main writes if the run is stopped early
+        if not self.args.no_reselection:
+            results["reselection"] = self.bench_reselection()
+            results["ma_growth_batch"] = self.bench_growth_batch()
         for out_f, in_f in [] if self.args.reselection_only else self.shapes:
             for density in self.densities:
                 results["apply_delta"] += self.bench_apply_delta(out_f, in_f, density)
@@ -625,6 +644,8 @@ def to_markdown(results: dict) -> str:
         )
     if meta["interpreter"]:
         parts.append("\n**Smoke run on CPU in Triton's interpreter: the timings say nothing about GPU speed.**")
+    if meta.get("stopped_early"):
+        parts.append(f"\n**Stopped early ({meta['stopped_early']}): the tables hold only what was measured before.**")
     parts += [
         "",
         (

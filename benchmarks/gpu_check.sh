@@ -43,6 +43,7 @@ if [ "$DEVICE" = cuda ]; then
     TESTS=(tests/kernels/test_kernels.py tests/kernels/test_hotpath.py tests/kernels/test_dequantize_nf4.py
            tests/test_host_reads.py)
     TEST_FILTER="cuda or test_hotpath"
+    STOP_AT_FIRST=()  # one device session: see every failure
     KERNEL_ARGS=(--device cuda --tokens 2048,8192 --densities 0.003,0.01,0.023 --repeats 10 --budget-s 1)
     TRAIN_ARGS=(--preset gpu-7b-2layer --methods lora,spiel-ag,spiel-ma --gradient-checkpointing off)
     LIMITS=(120 180 100 70)
@@ -54,6 +55,7 @@ else
     export TRITON_INTERPRET=1
     TESTS=(tests/kernels/test_hotpath.py)
     TEST_FILTER="sddmm_strateg or merged or threshold or batched or cuda"
+    STOP_AT_FIRST=(-x)
     KERNEL_ARGS=(--device cpu --small --densities 0.01,0.1)
     TRAIN_ARGS=(--preset cpu-tiny --methods lora,spiel-ag,spiel-ma --gradient-checkpointing off --steps 4
                 --pretrain-steps 0 --repeats 1 --profile none --base-dir "$OUT/train-base")
@@ -73,6 +75,18 @@ FAILED=0
         echo '```'
         echo
     fi
+    "$PY" - <<'PYEOF' 2>/dev/null
+import importlib, platform
+names = ("torch", "triton", "transformers", "peft", "bitsandbytes")
+versions = []
+for name in names:
+    try:
+        versions.append(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as error:  # report and go on: the steps below say what it breaks
+        versions.append(f"{name} not importable ({type(error).__name__})")
+print(f"Python {platform.python_version()}; " + ", ".join(versions) + ".")
+PYEOF
+    echo
     echo "| step | exit status | seconds | limit (s) |"
     echo "|---|---|---|---|"
 } > "$SUMMARY"
@@ -90,7 +104,7 @@ step() {  # step NAME LIMIT COMMAND...: run with a time limit, log to OUT/NAME.l
     tail -n 3 "$OUT/$name.log"
 }
 
-step tests "${LIMITS[0]}" "$PY" -m pytest -q -x -p no:cacheprovider "${TESTS[@]}" -k "$TEST_FILTER"
+step tests "${LIMITS[0]}" "$PY" -m pytest -q "${STOP_AT_FIRST[@]}" -p no:cacheprovider "${TESTS[@]}" -k "$TEST_FILTER"
 step kernels "${LIMITS[1]}" "$PY" benchmarks/bench_kernels.py "${KERNEL_ARGS[@]}" --out "$OUT"
 step train_processes "${LIMITS[2]}" "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/train"
 step train_interleaved "${LIMITS[3]}" "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --interleave-steps \
