@@ -7,10 +7,10 @@ Measures, in bf16 on one GPU (float32 with ``--device cpu``):
   product, float32 out), the Triton SDDMM in its default (operands as given) and token-major (operands transposed
   first) layouts and on the positions in row-major order (``triton_sorted``), ``gather`` (the reference; CPU only)
   and ``auto`` (what dispatch picks: timed once per shape on CUDA, the measured crossover on CPU);
-- a linear layer's forward + backward: frozen ``nn.Linear``-style GEMMs, the sparse-delta layer (merged:
-  ``apply_delta`` then GEMM, values' gradient by SDDMM; and, where ``tokens * K`` is small enough, the split
-  formulation), and LoRA
-  of the same parameter count (``r = K / (in + out)``, dropout 0);
+- a linear layer's forward + backward: frozen ``nn.Linear``-style GEMMs, the sparse-delta layer as ``SpIELLayer`` runs
+  it (``peft_sparse.sparse_linear.sparse_delta_linear``: ``W + delta`` merged in place and restored, the values'
+  gradient by ``sddmm``'s choice; and, where ``tokens * K`` is small enough, the split formulation with the Triton
+  product), and LoRA of the same parameter count (``r = K / (in + out)``, dropout 0);
 - ``apply_delta`` (clone + scatter) against the in-place exact merge + restore the layer now uses, and
   ``topk_outer_product`` (SpIEL-MA growth): Triton radix select, the chunked reference and the threshold search;
 - one reselection (drop + grow) of an ``[11008, 4096]`` delta at LoRA r=64's budget for SpIEL-random, -MA and -AG,
@@ -418,7 +418,8 @@ class Bench:
         return rows
 
     def bench_layer(self, out_f: int, in_f: int, tokens: int, density: float) -> list[dict]:
-        """Forward + backward of frozen, sparse-delta (merged and split) and LoRA linears of equal parameter count."""
+        """Forward + backward of frozen, sparse-delta (the layer and the split formulation) and LoRA linears of equal
+        parameter count."""
         torch = self.torch
         functional = torch.nn.functional
         numel = out_f * in_f
@@ -431,7 +432,13 @@ class Bench:
         values = torch.zeros(k, device=self.device, dtype=torch.float32).normal_(0, 1e-3).requires_grad_(True)
         lora_a = self._randn(rank, in_f, scale=in_f**-0.5).requires_grad_(True)
         lora_b = self._randn(out_f, rank, scale=1e-3).requires_grad_(True)
-        merged = _merged_sparse_linear(self.kernels)
+        from peft_sparse.sparse_linear import sparse_delta_linear
+        from peft_sparse.tuners.base_weight import base_weight_for
+
+        frozen = torch.nn.Linear(in_f, out_f, bias=False, device=self.device, dtype=self.dtype).requires_grad_(False)
+        frozen.weight.copy_(weight)
+        base_weight = base_weight_for(frozen)
+        sorted_idx = idx.sort().values  # SpIEL keeps a delta's positions in row-major order
         product = self.kernels.sparse_delta_product
 
         def split_forward():
@@ -444,7 +451,7 @@ class Bench:
 
         methods = {
             "frozen": (lambda: functional.linear(x, weight), [x]),
-            "sparse_merged": (lambda: merged.apply(x, values, weight, idx), [x, values]),
+            "sparse_layer": (lambda: sparse_delta_linear(x, base_weight, None, sorted_idx, values), [x, values]),
             "lora": (
                 lambda: functional.linear(x, weight) + (x @ lora_a.t()) @ lora_b.t() * (16 / rank),
                 [x, lora_a, lora_b],
@@ -584,29 +591,6 @@ class Bench:
                 }
             )
         return rows
-
-
-def _merged_sparse_linear(kernels):
-    """The merged sparse-delta linear as an autograd Function over the Triton kernels."""
-    import torch
-    from torch.nn import functional
-
-    class SparseDeltaLinearMerged(torch.autograd.Function):
-        """``y = x @ (W + scatter(idx, values)).T``; W_eff recomputed in backward, values' gradient by SDDMM."""
-
-        @staticmethod
-        def forward(ctx, x, values, weight, indices):
-            ctx.save_for_backward(x, values, weight, indices)
-            return functional.linear(x, kernels.apply_delta(weight, indices, values, setting="triton"))
-
-        @staticmethod
-        def backward(ctx, dy):
-            x, values, weight, indices = ctx.saved_tensors
-            dx = dy @ kernels.apply_delta(weight, indices, values, setting="triton")
-            dv = kernels.sddmm(dy, x, indices, weight.shape[1], setting="triton").to(values.dtype)
-            return dx, dv, None, None
-
-    return SparseDeltaLinearMerged
 
 
 # ---------------------------------------------------------------------------------------------------- output

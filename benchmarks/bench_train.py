@@ -20,7 +20,8 @@ Presets:
   timed updates hold one SpIEL-AG estimation phase and the first (full) reselection. Not pre-trained. Run with
   ``--methods lora,spiel-ag,spiel-ma,spiel-random --gradient-checkpointing off``.
 - ``gpu-7b-2layer``: two decoder layers of Llama-7B's shape (vocabulary 32000), bf16, 2 x 2048 tokens, LoRA r=64
-  against SpIEL at its budget, 24 updates; the model of ``benchmarks/gpu_check.sh``.
+  against SpIEL at its budget, 44 updates (reselections after updates 5, all of K, and 25, the steady state); the
+  model of ``benchmarks/gpu_check.sh``.
 - ``gpu-1b``: a ~1.1B-parameter Llama (TinyLlama's shape, random weights from a seeded config), bf16, sequence 2048,
   on one CUDA GPU. Peak memory is ``torch.cuda.max_memory_allocated``; in addition, the thesis' measure (appendix E.5):
   the smallest ``torch.cuda.set_per_process_memory_fraction`` limit, at 1 GiB steps, under which 30 training steps
@@ -230,7 +231,7 @@ PRESETS = {
         ),
         seq_len=2048,
         batch_size=2,
-        steps=24,
+        steps=44,
         warmup_steps=3,
         rank=64,
         lrs={

@@ -10,7 +10,7 @@
 #   2. kernel strategies at Llama-7B shapes, densities 0.3/1/2.3 %, one
 #      reselection and SpIEL-MA growth of 28 projections (Triton and the
 #      threshold search per matrix, and batched)                              -> OUT/bench_kernels_*.{json,md,png}
-#   3. a 2-layer model with Llama-7B layer shapes: LoRA r=64 vs SpIEL-AG/-MA,
+#   3. a 2-layer model with Llama-7B layer shapes: LoRA r=64 vs SpIEL-AG/-MA/-random,
 #      one process per method (step time, peak memory)                        -> OUT/train/results.*
 #      and all methods interleaved update by update (step-time ratios)        -> OUT/train/interleaved.*
 # OUT/summary.md lists what ran, each step's exit status and wall time, and the GPU (nvidia-smi).
@@ -45,8 +45,8 @@ if [ "$DEVICE" = cuda ]; then
     TEST_FILTER="cuda or test_hotpath"
     STOP_AT_FIRST=()  # one device session: see every failure
     KERNEL_ARGS=(--device cuda --tokens 2048,8192 --densities 0.003,0.01,0.023 --repeats 10 --budget-s 1)
-    TRAIN_ARGS=(--preset gpu-7b-2layer --methods lora,spiel-ag,spiel-ma --gradient-checkpointing off)
-    LIMITS=(120 180 100 70)
+    TRAIN_ARGS=(--preset gpu-7b-2layer --methods lora,spiel-ag,spiel-ma,spiel-random --gradient-checkpointing off)
+    LIMITS=(120 150 130 70)
 else
     if [ "$SMALL" != 1 ]; then
         echo "gpu_check: --device cpu needs --small (a dry run at toy sizes)" >&2

@@ -294,7 +294,8 @@ def test_cuda_beyond_int32_positions():
     values = torch.tensor([1.0, 2.0, 3.0, 4.0], device=device)
     got = dequantize_nf4_delta(packed, state, idx, values, torch.bfloat16, setting="triton").view(-1)
     codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], 1).view(-1)
-    check = torch.cat([idx, idx[1:3] - 1, torch.tensor([2**31 + 12345], device=device)])
+    # the deltas' positions, then untouched ones: beside the int32 boundary and past it
+    check = torch.cat([idx, torch.tensor([2**31 - 2, 2**31 + 1, 2**31 + 12345], device=device)])
     plain = (state.code[codes[check].long()] * state.absmax[check // 64]).to(torch.bfloat16)
     expected = plain.clone()
     expected[:4] = (plain[:4].float() + values).to(torch.bfloat16)

@@ -292,15 +292,23 @@ def test_sddmm_timing_keeps_the_fastest_and_its_result():
             sum(range(200_000))
         return torch.tensor([float(len(name))])
 
+    repeats = dispatch.TUNING_REPEATS
     best, out = dispatch._time_strategies(["slow", "quick"], run, torch.device("cpu"))
     assert best == "quick" and out.tolist() == [5.0]
-    assert calls == ["slow", "slow", "quick", "quick"]
+    # each candidate: one warm-up run, then the timed runs
+    assert calls == ["slow"] * (1 + repeats) + ["quick"] * (1 + repeats)
+    # a candidate whose timed run takes more than twice the best so far is not run again
+    calls[:] = []
+    best, out = dispatch._time_strategies(["quick", "slow"], run, torch.device("cpu"))
+    assert best == "quick" and out.tolist() == [5.0]
+    assert calls == ["quick"] * (1 + repeats) + ["slow", "slow"]
     # a tuned op times its runners once per key, then runs the kept one alone
     cache, calls[:] = {}, []
     runners = {name: (lambda name=name: run(name)) for name in ("slow", "quick")}
     assert dispatch._run_tuned(cache, ("k",), runners, torch.device("cpu"), "op").tolist() == [5.0]
     assert dispatch._run_tuned(cache, ("k",), runners, torch.device("cpu"), "op").tolist() == [5.0]
-    assert cache == {("k",): "quick"} and calls == ["slow", "slow", "quick", "quick", "quick"]
+    assert cache == {("k",): "quick"}
+    assert calls == ["slow"] * (1 + repeats) + ["quick"] * (1 + repeats) + ["quick"]
 
 
 # ------------------------------------------------------------------------------------------------- merged weight
