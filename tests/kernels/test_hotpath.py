@@ -295,20 +295,20 @@ def test_sddmm_timing_keeps_the_fastest_and_its_result():
     repeats = dispatch.TUNING_REPEATS
     best, out = dispatch._time_strategies(["slow", "quick"], run, torch.device("cpu"))
     assert best == "quick" and out.tolist() == [5.0]
-    # each candidate: one warm-up run, then the timed runs
-    assert calls == ["slow"] * (1 + repeats) + ["quick"] * (1 + repeats)
-    # a candidate whose timed run takes more than twice the best so far is not run again
+    # each candidate: a warm-up run, one timed run, then the back-to-back timed runs
+    assert calls == ["slow"] * (2 + repeats) + ["quick"] * (2 + repeats)
+    # a candidate whose first timed run takes more than twice the best so far is not run again
     calls[:] = []
     best, out = dispatch._time_strategies(["quick", "slow"], run, torch.device("cpu"))
     assert best == "quick" and out.tolist() == [5.0]
-    assert calls == ["quick"] * (1 + repeats) + ["slow", "slow"]
+    assert calls == ["quick"] * (2 + repeats) + ["slow", "slow"]
     # a tuned op times its runners once per key, then runs the kept one alone
     cache, calls[:] = {}, []
     runners = {name: (lambda name=name: run(name)) for name in ("slow", "quick")}
     assert dispatch._run_tuned(cache, ("k",), runners, torch.device("cpu"), "op").tolist() == [5.0]
     assert dispatch._run_tuned(cache, ("k",), runners, torch.device("cpu"), "op").tolist() == [5.0]
     assert cache == {("k",): "quick"}
-    assert calls == ["slow"] * (1 + repeats) + ["quick"] * (1 + repeats) + ["quick"]
+    assert calls == ["slow"] * (2 + repeats) + ["quick"] * (2 + repeats) + ["quick"]
 
 
 # ------------------------------------------------------------------------------------------------- merged weight
