@@ -869,5 +869,11 @@ def test_cuda_merged_weight_and_growth_stay_on_the_device():
     assert torch.equal(grown.cpu(), grow_random(33 * 65, excluded.cpu(), 200, torch.Generator().manual_seed(1)))
     rows, cols = torch.rand(257, device=device), torch.rand(1031, device=device)
     exclude = _indices(257 * 1031, 5000, seed=4).sort().values.to(device)
+    # above the permuted range: ranks drawn on the CPU generator, tracked on the GPU (and, past half, left out)
+    for k in (5000, 200_000):
+        grown = grow_random(257 * 1031, exclude.long(), k, torch.Generator().manual_seed(2))
+        assert grown.device.type == "cuda"
+        on_cpu = grow_random(257 * 1031, exclude.long().cpu(), k, torch.Generator().manual_seed(2))
+        assert torch.equal(grown.cpu(), on_cpu)
     got = topk_outer_product_threshold(rows, cols, exclude, 3000)
     assert torch.equal(got.cpu(), _topk_brute_force(rows.cpu(), cols.cpu(), exclude.cpu(), 3000))

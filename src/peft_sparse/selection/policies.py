@@ -217,8 +217,9 @@ def grow_random(numel: int, excluded_sorted: torch.Tensor, k: int, generator: to
 
     Exactly uniform over the ``k``-subsets of the free positions and a function of ``generator``'s state alone (the
     same positions on every device). No permutation of all positions: ``sample_ranks`` draws ``k`` distinct ranks
-    among the ``numel - len(excluded)`` free positions (the draws run on ``generator``'s device), and
-    ``free_positions_of_ranks`` maps them to positions with one ``searchsorted`` over the excluded set, on its device.
+    among the ``numel - len(excluded)`` free positions (the random numbers on ``generator``'s device, the bookkeeping
+    on ``excluded_sorted``'s), and ``free_positions_of_ranks`` maps them to positions with one ``searchsorted`` over
+    the excluded set, on its device.
     """
     device = excluded_sorted.device
     excluded_sorted = excluded_sorted.long()
@@ -226,7 +227,7 @@ def grow_random(numel: int, excluded_sorted: torch.Tensor, k: int, generator: to
     k = min(k, available)
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=device)
-    ranks = sample_ranks(available, k, generator).to(device)
+    ranks = sample_ranks(available, k, generator, device)
     return free_positions_of_ranks(excluded_sorted, ranks)
 
 
@@ -243,8 +244,11 @@ def free_positions_of_ranks(excluded_sorted: torch.Tensor, ranks: torch.Tensor) 
     return ranks + torch.searchsorted(gaps, ranks, right=True)
 
 
-def sample_ranks(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """``k`` distinct integers in ``[0, n)``, ascending, every ``k``-subset equally likely; on ``generator``'s device.
+def sample_ranks(
+    n: int, k: int, generator: torch.Generator, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """``k`` distinct integers in ``[0, n)``, ascending, every ``k``-subset equally likely; on ``device`` (default:
+    ``generator``'s device).
 
     Draws independent uniform integers (each from ``[0, 2**b)``, ``2**b >= n``, rejecting those ``>= n``, so no modulo
     bias) until at least ``k`` distinct ones are seen, then leaves out a uniformly random ``seen - k`` of them (drawn
@@ -252,16 +256,19 @@ def sample_ranks(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     subset (the draws are exchangeable), hence so is the kept one. When ``k > n / 2`` the ``n - k`` values left out
     are drawn instead; ranges up to ``_PERMUTE_LIMIT`` are permuted. Distinct values are tracked in an ``n``-entry
     bool mask (up to ``_MASK_LIMIT`` entries; by sorting above that).
+
+    The random numbers are drawn on ``generator``'s device and only the bookkeeping runs on ``device``, which does
+    not change the result: a CPU generator gives the same ranks on every device, at the cost of moving the draws.
     """
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
-    device = generator.device
+    device = generator.device if device is None else torch.device(device)
     if n <= _PERMUTE_LIMIT:
-        return torch.randperm(n, generator=generator, device=device)[:k].sort().values
+        return torch.randperm(n, generator=generator, device=generator.device)[:k].sort().values.to(device)
     if 2 * k > n:
         keep = torch.ones(n, dtype=torch.bool, device=device)
-        keep[sample_ranks(n, n - k, generator)] = False
-        return keep.nonzero().squeeze(1)
+        keep[sample_ranks(n, n - k, generator, device)] = False
+        return keep.nonzero_static(size=k).squeeze(1)
     if k == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
     span = 1 << max(1, (n - 1).bit_length())
@@ -272,8 +279,8 @@ def sample_ranks(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     while count < k:
         # a draw is new with probability about 1 - count / n; ask for 10 % more than expected, and / acceptance
         want = int(1.1 * (k - count) / (1.0 - count / n)) + 64
-        draws = torch.randint(span, (int(want * span / n) + 16,), generator=generator, device=device)
-        draws = draws[draws < n]
+        draws = torch.randint(span, (int(want * span / n) + 16,), generator=generator, device=generator.device)
+        draws = draws[draws < n].to(device)  # rejected where drawn: the move and the bookkeeping read nothing
         if use_mask:
             seen_mask[draws] = True
             count = int(seen_mask.count_nonzero())
@@ -281,11 +288,11 @@ def sample_ranks(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
             seen = torch.unique(torch.cat([seen, draws]))
             count = seen.numel()
     if use_mask:
-        seen = seen_mask.nonzero().squeeze(1)
+        seen = seen_mask.nonzero_static(size=count).squeeze(1)
     if count > k:
         keep = torch.ones(count, dtype=torch.bool, device=device)
-        keep[sample_ranks(count, count - k, generator)] = False
-        seen = seen[keep]
+        keep[sample_ranks(count, count - k, generator, device)] = False
+        seen = seen[keep.nonzero_static(size=k).squeeze(1)]
     return seen
 
 
