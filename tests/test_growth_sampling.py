@@ -21,6 +21,8 @@ def _setup(path, monkeypatch):
         return 5_000
     if path == "sort":
         monkeypatch.setattr(policies, "_MASK_LIMIT", 1_000)
+    else:  # the mask also for the few draws of these tests
+        monkeypatch.setattr(policies, "_MASK_SHARE", 10**9)
     return 300_000
 
 
@@ -162,3 +164,14 @@ def test_is_member_mid_size_queries(set_size, query_size, span):
     assert torch.equal(policies.is_member(members, query), expected)
     shuffled = members[torch.randperm(members.numel(), generator=gen)]
     assert torch.equal(policies.is_member(shuffled, query, assume_sorted=False), expected)
+
+
+@pytest.mark.parametrize("k", [1, 300, 9_000, 140_000])
+def test_sample_ranks_mask_and_sort_give_the_same_ranks(k, monkeypatch):
+    # which bookkeeping runs (chosen by size) must not change the result of a generator's state
+    n = 300_000
+    monkeypatch.setattr(policies, "_MASK_SHARE", 10**9)
+    by_mask = sample_ranks(n, k, torch.Generator().manual_seed(k))
+    monkeypatch.setattr(policies, "_MASK_LIMIT", 1_000)
+    by_sort = sample_ranks(n, k, torch.Generator().manual_seed(k))
+    assert by_mask.numel() == k and torch.equal(by_mask, by_sort)
