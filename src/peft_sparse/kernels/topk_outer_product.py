@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from .. import _device
 from ._triton import INTERPRETED, cdiv, tl, triton
 
 # Scores computed at once by the reference; bounds its working memory (64 MiB of float32).
@@ -561,7 +562,7 @@ def _threshold_search(
         # one int64 per candidate, smaller is better: free first, then higher score (non-negative floats order like
         # their bit patterns), then lower position; unique, so the k-th smallest cuts exactly k
         rank = (excluded.long() << 62) | (((1 << 31) - 1 - scores.view(torch.int32).long()) << 31) | position
-        take = torch.nonzero_static(rank <= torch.kthvalue(rank, k).values, size=k).flatten()
+        take = torch.nonzero_static(rank <= _device.kth_smallest(rank, k), size=k).flatten()
         found.append(position[take].sort().values)
         checks.append(usable[m] & (torch.count_nonzero(~excluded & (scores >= t[m].float())) >= k))
     return [positions if ok else None for positions, ok in zip(found, torch.stack(checks).tolist())]

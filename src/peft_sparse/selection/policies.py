@@ -102,10 +102,10 @@ def _cut_for_largest(magnitude: torch.Tensor, need: int) -> torch.Tensor:
     n = magnitude.numel()
     sample = magnitude[:: max(1, n // CUT_SAMPLE_ELEMENTS)]
     passing = min(sample.numel(), -(-2 * need * sample.numel() // n))  # ceil(2 need / n of the sample)
-    cut = torch.kthvalue(sample, sample.numel() - passing + 1).values
+    cut = _device.kth_smallest(sample, sample.numel() - passing + 1)
     kept = torch.nonzero(magnitude >= cut).flatten()
     if kept.numel() < need:
-        cut = torch.kthvalue(magnitude, n - need + 1).values
+        cut = _device.kth_smallest(magnitude, n - need + 1)
         kept = torch.nonzero(magnitude >= cut).flatten()
     return kept
 
@@ -160,7 +160,7 @@ def top_gradient_candidates(
         del block, flat, magnitude
         if pooled >= k and (threshold is None or pooled > 2 * k):
             positions, grads, magnitudes = [torch.cat(parts) for parts in (positions, grads, magnitudes)]
-            threshold = torch.kthvalue(magnitudes, pooled - k + 1).values
+            threshold = _device.kth_smallest(magnitudes, pooled - k + 1)
             kept = torch.nonzero(magnitudes >= threshold).flatten()
             positions, grads, magnitudes = [[part.index_select(0, kept)] for part in (positions, grads, magnitudes)]
             pooled = kept.numel()

@@ -7,10 +7,10 @@ one entry per parameter:
 1. A uniform random sample of scores (``sample_size`` positions) gives a threshold ``t`` that, with high probability,
    a little more than ``k`` scores exceed (a quantile of the sample, moved down by three standard deviations).
 2. One pass over every source in chunks of ``chunk_size`` entries keeps the scores ``> t`` with their positions.
-   If at least ``k`` were kept, the answer is their top ``k``: one ``kthvalue``, and since kept entries are in
-   position order, ties go to the first ones. Otherwise all kept entries are selected and the rest come from the ties
-   at ``t`` (a second pass takes the first ones in position order) and, if there are too few ties (an unlucky
-   sample), from a further round restricted to scores ``< t`` with a wider margin.
+   If at least ``k`` were kept, the answer is their top ``k``: one k-th value (``_device.kth_smallest``), and since
+   kept entries are in position order, ties go to the first ones. Otherwise all kept entries are selected and the
+   rest come from the ties at ``t`` (a second pass takes the first ones in position order) and, if there are too
+   few ties (an unlucky sample), from a further round restricted to scores ``< t`` with a wider margin.
 
 Extra memory: one chunk of scores, the sample, and about ``k`` (value, position) pairs. Every round selects at least
 one entry (``t`` is a sampled score), so the loop ends; NaN scores are an error.
@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .. import _device
 
 DEFAULT_CHUNK_SIZE = 1 << 23
 DEFAULT_SAMPLE_SIZE = 1 << 18
@@ -192,7 +194,7 @@ def largest_changes_per_tensor(
 # ------------------------------------------------------------------------------------------------- internals
 def _first_largest(values: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the ``count`` largest ``values``, ties to the lowest index (without sorting them all)."""
-    kth = torch.kthvalue(values, values.numel() - count + 1).values
+    kth = _device.kth_smallest(values, values.numel() - count + 1)
     larger = values > kth
     ties = (values == kth) & (torch.cumsum(values == kth, 0) <= count - int(larger.sum()))
     return larger | ties
