@@ -398,9 +398,9 @@ class Bench:
             if method == "auto":
                 record["chose"] = kernels.dispatch.choose_sddmm_strategy(dy, x, idx, in_f, "auto")
                 if record["chose"] == "tune":
-                    tuned = [
-                        v for key, v in kernels.dispatch.tuned_sddmm_strategies().items() if key[2:4] == (out_f, in_f)
-                    ]
+                    # the pick for exactly this case: (rows, cols, K bucket, tokens bucket) of the tuning key
+                    case = (out_f, in_f, kernels.dispatch._bucket(k), kernels.dispatch._bucket(tokens))
+                    tuned = [v for key, v in kernels.dispatch.tuned_sddmm_strategies().items() if key[2:6] == case]
                     record["chose"] = "tuned: " + ",".join(sorted(set(tuned)))
             rows.append(
                 {

@@ -344,6 +344,80 @@ def render_quality(root: Path, headline: bool = False) -> str:
     )
 
 
+def render_gpu_check(root: Path) -> str:
+    """The H200 run of ``benchmarks/gpu_check.sh`` (``benchmarks/results/gpu-check``): training step time and memory
+    per method, the interleaved ratios, and the value-gradient strategies at Llama-7B shapes."""
+    base = "benchmarks/results/gpu-check"
+    meta = _read_json(root, f"{base}/train/meta.json")
+    records = {r["method"]: r for r in _read_json(root, f"{base}/train/results.json")}
+    interleaved = _read_json(root, f"{base}/train/interleaved.json")["methods"]
+    kernels = _read_json(root, f"{base}/bench_kernels_nvidia_h200.json")
+    lora = records["lora"]
+    rows = []
+    for method, r in records.items():
+        mixed = interleaved.get(method, {})
+        rows.append(
+            [
+                method,
+                f"{r['step_time_s_median'] * 1e3:.1f}",
+                f"{r['step_time_s_median'] / lora['step_time_s_median']:.2f}",
+                f"{r['step_time_s_mean'] * 1e3:.1f}",
+                f"{r['step_time_s_mean'] / lora['step_time_s_mean']:.2f}",
+                f"{mixed['ratio_median']:.3f} / {mixed['ratio_of_sums']:.3f}" if mixed else "-",
+                f"{r['peak_mem_bytes'] / 2**20:,.0f}",
+                f"{r['peak_mem_bytes'] / lora['peak_mem_bytes']:.2f}",
+            ]
+        )
+    training = _table(
+        [
+            "method",
+            "update ms (median)",
+            "/ LoRA",
+            "update ms (mean, whole run)",
+            "/ LoRA",
+            "interleaved: per update / whole run",
+            "peak MiB",
+            "/ LoRA",
+        ],
+        rows,
+    )
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in kernels["value_gradient"]:
+        by_case.setdefault((tuple(r["shape"]), r["tokens"], r["density"]), {})[r["method"]] = r
+    kernel_rows = []
+    for (shape, tokens, density), methods in by_case.items():
+        auto = methods["auto"]
+        kernel_rows.append(
+            [
+                f"{shape[0]}x{shape[1]}",
+                str(tokens),
+                f"{density:.1%}",
+                *(f"{methods[m]['time_ms']:.3g}" for m in ("dense_gather", "dense", "csr", "triton_sorted")),
+                f"{auto['time_ms']:.3g} ({auto['chose'].removeprefix('tuned: ')})",
+            ]
+        )
+    value_gradient = _table(
+        ["out x in", "tokens", "density", "dense bf16 + gather", "dense", "csr", "triton_sorted", "auto (picks)"],
+        kernel_rows,
+    )
+    km = kernels["meta"]
+    return (
+        f"Measured {_day(meta['date'])} on {meta['machine']}, `benchmarks/gpu_check.sh` "
+        f"(`{base}/summary.md`). Two decoder layers of Llama-7B's shape, bf16, 2 x 2048 tokens, LoRA r=64 against "
+        f"each SpIEL at its parameter count, {meta['settings']['steps']} updates (reselections after updates 5 and "
+        "25; median and mean after 3 warm-up updates; whole-run figures include the first reselection's Triton "
+        f"compilation and tuning). Full tables: `{base}/train/results.md`, `{base}/train/interleaved.md`.\n\n"
+        + training
+        + f"\n\nValue gradient (`sddmm`) in ms at Llama-7B shapes ({km['dtype']}, torch {km['torch']}, Triton "
+        f"{km['triton']}): the dense product in bf16 then a gather (what earlier implementations do; bf16 output), "
+        "the strategies behind `peft_sparse.kernels.sddmm`, and `auto`, what `sddmm` runs: it times the candidates "
+        "once per (shape, K, tokens) bucket and keeps the fastest (picks: those kept for the shape so far in the run, "
+        f"not only this row's). All strategies: `{base}/bench_kernels_nvidia_h200.md`.\n\n"
+        + value_gradient
+        + "\n"
+    )
+
+
 def markdown_file(relative: str) -> Callable[[Path], str]:
     """A renderer that includes a Markdown report a benchmark writes, as it is (its first heading dropped)."""
 
@@ -365,6 +439,7 @@ SOURCES: dict[str, Callable[[Path], str]] = {
     "bench-train-cpu-tiny-120": render_bench_train_cpu_tiny_120,
     "bench-train-cpu-hotpath": markdown_file("benchmarks/results/cpu-hotpath/interleaved.md"),
     "bench-train-cpu-hotpath-merge": markdown_file("benchmarks/results/cpu-hotpath-merge/interleaved.md"),
+    "gpu-check": render_gpu_check,
     "bench-formulations": render_bench_formulations,
     "bench-ltsft-selection": render_bench_ltsft_selection,
     "quality": render_quality,
