@@ -4,7 +4,8 @@ Builds the model of a ``bench_train.py`` preset (its cached base), trains each m
 ``bench_train.py --interleave-steps`` does (one process, the methods one after another), and profiles the updates
 listed (1-based; with S=20 and gamma=5, update 21 starts SpIEL-AG's second estimation phase and update 25 is the
 second reselection, the first in steady state). Then times ``grow_random`` at ``[11008, 4096]`` with LoRA r=64's
-budget excluded, drawing from a CPU generator (what ``SpIELLayer`` does) and from one on the device.
+budget excluded, drawing from a CPU generator (what ``SpIELLayer`` does) and from one on the device. Options it does
+not know go to ``bench_train.py`` (e.g. ``--base-dir``, ``--pretrain-steps``).
 
 Writes ``OUT/prof.txt`` (per profiled update: the 40 functions with the largest cumulative and own time) and
 ``OUT/prof.json`` (every update's wall and process CPU seconds per method; the growth timings in ms)::
@@ -35,7 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=27, help="updates per method")
     parser.add_argument("--updates", default="21,25", help="comma-separated 1-based updates to profile")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--grow-random-numel", type=int, default=11008 * 4096, help="size of the matrix grow_random is timed on"
+    )
+    args, args.train_args = parser.parse_known_args(argv)  # the rest goes to bench_train (e.g. --base-dir)
     args.updates = {int(u) for u in args.updates.split(",")}
     if args.steps < 1 or not all(1 <= u <= args.steps for u in args.updates):
         parser.error(f"--updates must lie in [1, --steps={args.steps}], got {sorted(args.updates)}")
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     train_args = bench_train.parse_args(
         ["--preset", args.preset, "--methods", "lora", "--gradient-checkpointing", "off", "--steps", str(args.steps)]
         + ["--out", str(args.out / "unused")]
+        + args.train_args
     )
     settings = train_args.settings
     sync = torch.cuda.synchronize if settings["device"] == "cuda" else (lambda: None)
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         del model, optimizer, params, scheduler
         if settings["device"] == "cuda":
             torch.cuda.empty_cache()
-    report.update(time_grow_random(torch, settings["device"], sync))
+    report.update(time_grow_random(torch, settings["device"], sync, args.grow_random_numel))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prof.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "prof.txt").write_text("\n".join(texts))
@@ -111,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def time_grow_random(torch, device_name: str, sync) -> dict[str, list[float]]:
-    """Milliseconds of four ``grow_random`` calls at ``[11008, 4096]`` (10 and 20 % of LoRA r=64's budget grown),
-    per generator device."""
+def time_grow_random(torch, device_name: str, sync, numel: int) -> dict[str, list[float]]:
+    """Milliseconds of four ``grow_random`` calls on ``numel`` positions with 2.14 % of them excluded (LoRA r=64's
+    budget at ``[11008, 4096]``), growing a tenth and a fifth of that budget, per generator device."""
     from peft_sparse.selection.policies import grow_random
 
-    numel, budget = 11008 * 4096, 64 * (11008 + 4096)
+    budget = max(1, round(numel * 64 * (11008 + 4096) / (11008 * 4096)))
     device = torch.device(device_name)
     excluded = torch.randperm(numel, device=device)[:budget].sort().values
     generators = {
