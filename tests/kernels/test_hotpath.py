@@ -283,7 +283,7 @@ def test_sddmm_strategy_choice_on_cpu(monkeypatch):
         dispatch.set_sddmm_strategy("sparse")
 
 
-def test_sddmm_timing_keeps_the_fastest_and_its_result():
+def test_sddmm_timing_keeps_the_fastest_and_its_result(monkeypatch):
     calls = []
 
     def run(name):
@@ -293,6 +293,7 @@ def test_sddmm_timing_keeps_the_fastest_and_its_result():
         return torch.tensor([float(len(name))])
 
     repeats = dispatch.TUNING_REPEATS
+    monkeypatch.setattr(dispatch, "TUNING_REPEAT_BELOW_S", float("inf"))  # every candidate short enough to repeat
     best, out = dispatch._time_strategies(["slow", "quick"], run, torch.device("cpu"))
     assert best == "quick" and out.tolist() == [5.0]
     # each candidate: a warm-up run, one timed run, then the back-to-back timed runs
@@ -309,6 +310,11 @@ def test_sddmm_timing_keeps_the_fastest_and_its_result():
     assert dispatch._run_tuned(cache, ("k",), runners, torch.device("cpu"), "op").tolist() == [5.0]
     assert cache == {("k",): "quick"}
     assert calls == ["slow"] * (2 + repeats) + ["quick"] * (2 + repeats) + ["quick"]
+    # runs that take long enough to tell apart are timed once
+    monkeypatch.setattr(dispatch, "TUNING_REPEAT_BELOW_S", 0.0)
+    calls[:] = []
+    assert dispatch._time_strategies(["slow", "quick"], run, torch.device("cpu"))[0] == "quick"
+    assert calls == ["slow", "slow", "quick", "quick"]
 
 
 # ------------------------------------------------------------------------------------------------- merged weight

@@ -140,8 +140,10 @@ _SDDMM_FUNCTIONS: dict[str, Callable] = {"csr": sddmm_csr, "dense": sddmm_dense,
 _sddmm_pinned: str | None = None
 # (device, dtype, rows, ncols, K bucket, token bucket, candidates) -> strategy chosen by timing
 _sddmm_tuned: dict[tuple, str] = {}
-# Back-to-back runs per candidate when tuning: one run of a sub-millisecond GPU product is too noisy to choose by.
+# Back-to-back runs per candidate when tuning: one run of a sub-millisecond GPU product is too noisy to choose by;
+# a candidate whose first timed run takes this long or longer is not repeated (a growth search of a whole model).
 TUNING_REPEATS = 3
+TUNING_REPEAT_BELOW_S = 0.005
 
 
 def set_sddmm_strategy(strategy: str | None) -> None:
@@ -174,8 +176,9 @@ def _time_strategies(candidates: list[str], run: Callable[[str], torch.Tensor], 
     """Time each candidate and return the fastest and its result.
 
     A candidate runs once to warm up (compiling, allocating), then once timed; unless that took more than twice the
-    best time so far (it cannot win), ``TUNING_REPEATS`` more runs are timed back to back, as the products run in
-    training (a GPU queues one while the host issues the next), and the mean of those counts when it is lower."""
+    best time so far (it cannot win) or ``TUNING_REPEAT_BELOW_S`` or more (long enough to tell apart),
+    ``TUNING_REPEATS`` more runs are timed back to back, as the products run in training (a GPU queues one while the
+    host issues the next), and the mean of those counts when it is lower."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(runs: int) -> tuple[float, torch.Tensor]:
@@ -190,7 +193,7 @@ def _time_strategies(candidates: list[str], run: Callable[[str], torch.Tensor], 
     for name in candidates:
         run(name)
         elapsed, out = timed(1)
-        if elapsed <= 2 * best_time:
+        if elapsed <= 2 * best_time and elapsed < TUNING_REPEAT_BELOW_S:
             elapsed = min(elapsed, timed(TUNING_REPEATS)[0])
         if elapsed < best_time:
             best, best_time, best_out = name, elapsed, out
