@@ -1141,16 +1141,18 @@ def interleaved_markdown(result: dict) -> str:
         "rounds (SpIEL-AG's estimation and reselection updates included).",
         "",
         "| method | median update wall (s) | median update CPU (s) | per-round ratio, median (wall / CPU) | "
-        "whole-run ratio (wall / CPU) | target (on CPU time) |",
+        f"whole-run ratio (wall / CPU) | target (on {'wall' if s.get('device') == 'cuda' else 'CPU'} time) |",
         "|---|---|---|---|---|---|",
     ]
     warm = result["warmup_rounds"]
     variants = [m for m in result["methods"] if "@" in m and base_method(m) in result["methods"]]
+    # on a GPU the host waits for the device by spinning, so its CPU time is the wall time: judge by wall time there
+    prefix = "" if s.get("device") == "cuda" else "cpu_"
     for method, r in result["methods"].items():
         target = targets.get(method)
         verdict_text = "-"
         if target:
-            key = "cpu_ratio_of_sums" if method == "spiel-ag" else "cpu_ratio_median"
+            key = prefix + ("ratio_of_sums" if method == "spiel-ag" else "ratio_median")
             verdict_text = f"<= {target[1]:.2f}x ({'met' if r[key] <= target[1] else 'missed'}, {key})"
         lines.append(
             f"| {method} | {r['step_time_s_median']:.3f} | {r['cpu_time_s_median']:.3f} | "

@@ -208,6 +208,29 @@ def test_interleaved_table_pairs_a_merge_mode_variant_with_the_default() -> None
     assert "| spiel-ma@product | spiel-ma | +4.0 | 2 of 3 |" in table
 
 
+@pytest.mark.parametrize(
+    "device, clock, verdict", [("cpu", "CPU", "met, cpu_ratio_median"), ("cuda", "wall", "missed, ratio_median")]
+)
+def test_interleaved_targets_use_cpu_time_on_the_cpu_and_wall_time_on_a_gpu(device, clock, verdict) -> None:
+    # a GPU run's host spins while it waits, so its CPU time says nothing the wall time does not
+    bench = load_script()
+    ratios = {"ratio_median": 1.2, "cpu_ratio_median": 1.0, "ratio_of_sums": 1.2, "cpu_ratio_of_sums": 1.0}
+    entry = {"step_time_s_median": 1.0, "cpu_time_s_median": 1.0, **ratios}
+    result = {
+        "preset": "cpu-hotpath",
+        "date": "2026-11-30T00:00:00",
+        "machine": "m",
+        "command": "c",
+        "settings": {"threads": 1, "steps": 4, "device": device},
+        "warmup_rounds": 1,
+        "load_average_per_round": [],
+        "methods": {"lora": dict(entry, **dict.fromkeys(ratios, 1.0)), "spiel-ma": entry},
+    }
+    table = bench.interleaved_markdown(result)
+    assert f"target (on {clock} time)" in table
+    assert f"<= 1.05x ({verdict})" in table
+
+
 def test_repeats_take_peak_memory_from_the_runs_without_the_profiler() -> None:
     bench = load_script()
 
