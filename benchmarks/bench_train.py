@@ -93,6 +93,21 @@ def base_method(method: str) -> str:
     return method.partition("@")[0]
 
 
+def make_job(settings: dict, method: str, preset: str, gradient_checkpointing: bool, base_dir, seed: int, **extra):
+    """One method's run: the preset's settings with the method (its merge mode dropped) and its learning rate."""
+    method = base_method(method)
+    return dict(
+        settings,
+        method=method,
+        preset=preset,
+        gradient_checkpointing=gradient_checkpointing,
+        lr=settings["lrs"][method],
+        base_dir=str(base_dir),
+        seed=seed,
+        **extra,
+    )
+
+
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The corpus is cut at a paragraph boundary: the first PRETRAIN_FRACTION pre-trains the base densely; of the
 # paragraphs after it, every HELD_OUT_EVERY-th is held out and the rest is the fine-tuning data (same topics).
@@ -973,16 +988,8 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(settings["repeats"]):
             for gc in args.gc_settings:
                 for method in args.methods:
-                    job = dict(
-                        settings,
-                        method=method,
-                        preset=args.preset,
-                        gradient_checkpointing=gc,
-                        lr=settings["lrs"][method],
-                        base_dir=str(args.base_dir),
-                        seed=args.seed,
-                        profile=settings["profile"] if repeat == 0 else (),
-                    )
+                    profile = settings["profile"] if repeat == 0 else ()
+                    job = make_job(settings, method, args.preset, gc, args.base_dir, args.seed, profile=profile)
                     elapsed = time.perf_counter() - started
                     print(
                         f"[{elapsed:6.1f} s] {method}, gradient checkpointing {'on' if gc else 'off'}"
@@ -1035,15 +1042,7 @@ def run_interleaved(args: argparse.Namespace, settings: dict) -> int:
     batches = batch_schedule(finetune, settings["steps"], settings["batch_size"], settings["seq_len"], args.seed + 1)
     state = {}
     for method in methods:
-        job = dict(
-            settings,
-            method=base_method(method),
-            preset=args.preset,
-            gradient_checkpointing=gc,
-            lr=settings["lrs"][base_method(method)],
-            base_dir=str(args.base_dir),
-            seed=args.seed,
-        )
+        job = make_job(settings, method, args.preset, gc, args.base_dir, args.seed)
         torch.manual_seed(args.seed)
         model, make_optimizer = wrap_model(load_model(job), job)
         optimizer = make_optimizer(model, job["lr"])

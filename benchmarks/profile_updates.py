@@ -65,15 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, list] = {}
     texts: list[str] = []
     for method in METHODS:
-        job = dict(
-            settings,
-            method=method,
-            preset=args.preset,
-            gradient_checkpointing=False,
-            lr=settings["lrs"][method],
-            base_dir=str(train_args.base_dir),
-            seed=train_args.seed,
-        )
+        job = bench_train.make_job(settings, method, args.preset, False, train_args.base_dir, train_args.seed)
         torch.manual_seed(train_args.seed)
         model, make_optimizer = bench_train.wrap_model(bench_train.load_model(job), job)
         optimizer = make_optimizer(model, job["lr"])
