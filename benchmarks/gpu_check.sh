@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check of the training hot path (issue 7), meant to finish within 8 minutes on one H200.
+# One prepared GPU check of the training hot path (issue 7), meant to finish within 8 minutes on one H200 (about 5).
 #
 #   benchmarks/gpu_check.sh [OUT]                      # on a CUDA machine; OUT defaults to benchmarks/results/gpu-check
 #   benchmarks/gpu_check.sh --device cpu --small [OUT] # dry run on a CPU: the same steps at toy sizes (Triton in its
@@ -13,6 +13,8 @@
 #   3. a 2-layer model with Llama-7B layer shapes: LoRA r=64 vs SpIEL-AG/-MA/-random,
 #      one process per method (step time, peak memory)                        -> OUT/train/results.*
 #      and all methods interleaved update by update (step-time ratios)        -> OUT/train/interleaved.*
+#   4. cProfile of the updates that start SpIEL-AG's second estimation phase
+#      and make the second reselection; random growth by generator device    -> OUT/profile/prof.{txt,json}
 # OUT/summary.md lists what ran, each step's exit status and wall time, and the GPU (nvidia-smi).
 # A step that fails or runs out of time is recorded and the next one still runs; the exit status is 1 if any failed.
 set -u -o pipefail
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --small) SMALL=1; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) OUT="$1"; shift ;;
     esac
 done
@@ -46,7 +48,8 @@ if [ "$DEVICE" = cuda ]; then
     STOP_AT_FIRST=()  # one device session: see every failure
     KERNEL_ARGS=(--device cuda --tokens 2048,8192 --densities 0.003,0.01,0.023 --repeats 10 --budget-s 1)
     TRAIN_ARGS=(--preset gpu-7b-2layer --methods lora,spiel-ag,spiel-ma,spiel-random --gradient-checkpointing off)
-    LIMITS=(120 150 130 70)
+    PROFILE_ARGS=(--preset gpu-7b-2layer --steps 27 --updates 21,25)
+    LIMITS=(100 120 130 60 70)
 else
     if [ "$SMALL" != 1 ]; then
         echo "gpu_check: --device cpu needs --small (a dry run at toy sizes)" >&2
@@ -59,7 +62,9 @@ else
     KERNEL_ARGS=(--device cpu --small --densities 0.01,0.1)
     TRAIN_ARGS=(--preset cpu-tiny --methods lora,spiel-ag,spiel-ma --gradient-checkpointing off --steps 4
                 --pretrain-steps 0 --repeats 1 --profile none --base-dir "$OUT/train-base")
-    LIMITS=(300 300 300 300)
+    PROFILE_ARGS=(--preset cpu-tiny --steps 6 --updates 5 --pretrain-steps 0 --base-dir "$OUT/train-base"
+                  --grow-random-numel 200000)
+    LIMITS=(300 300 300 300 300)
 fi
 
 SUMMARY="$OUT/summary.md"
@@ -109,11 +114,13 @@ step kernels "${LIMITS[1]}" "$PY" benchmarks/bench_kernels.py "${KERNEL_ARGS[@]}
 step train_processes "${LIMITS[2]}" "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/train"
 step train_interleaved "${LIMITS[3]}" "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --interleave-steps \
     --out "$OUT/train"
+step profile "${LIMITS[4]}" "$PY" benchmarks/profile_updates.py "${PROFILE_ARGS[@]}" --out "$OUT/profile"
 
 {
     echo
     echo "Finished $(date -u +%Y-%m-%dT%H:%M:%SZ). Logs: \`$OUT/*.log\`; kernel tables: \`$OUT/bench_kernels_*.md\`;"
-    echo "training: \`$OUT/train/results.md\` (per process, memory) and \`$OUT/train/interleaved.md\` (ratios)."
+    echo "training: \`$OUT/train/results.md\` (per process, memory) and \`$OUT/train/interleaved.md\` (ratios);"
+    echo "profiled updates: \`$OUT/profile/prof.txt\`."
     for f in "$OUT"/train/interleaved.md; do
         [ -f "$f" ] && { echo; sed -n '/^| method/,$p' "$f"; }
     done
