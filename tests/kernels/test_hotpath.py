@@ -8,8 +8,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import HostReads
 
-from peft_sparse import sparse_linear
+from peft_sparse import _device, sparse_linear
 from peft_sparse.kernels import (
     dispatch,
     sddmm,
@@ -67,12 +68,20 @@ def test_sddmm_strategies_match_dense_product(name, dtype, index_dtype, tokens, 
     torch.testing.assert_close(got.double(), _dense_truth(a, b, idx), rtol=1e-5, atol=1e-5)
 
 
-def test_sddmm_dense_in_row_blocks(monkeypatch):
-    # blocks of 3 rows (the last one partial), some without any position
+@pytest.mark.parametrize("reads", ["cpu", "accelerator"])
+def test_sddmm_dense_in_row_blocks(reads, monkeypatch):
+    # blocks of 3 rows (the last one partial), some without any position; the accelerator's path reads nothing
     monkeypatch.setattr(sddmm_module, "DENSE_CHUNK_ELEMENTS", 3 * 65)
+    if reads == "accelerator":
+        monkeypatch.setattr(_device, "host_reads_are_free", lambda device: False)
     a, b = _operands(19, 34, 65)
     idx = torch.cat([_indices(10 * 65, 40, seed=1), 20 * 65 + _indices(14 * 65, 60, seed=2)])
-    torch.testing.assert_close(sddmm_dense(a, b, idx, 65).double(), _dense_truth(a, b, idx), rtol=1e-5, atol=1e-5)
+    idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(3))]  # not in row-major order
+    recorder = HostReads()
+    with recorder:
+        got = sddmm_dense(a, b, idx, 65)
+    torch.testing.assert_close(got.double(), _dense_truth(a, b, idx), rtol=1e-5, atol=1e-5)
+    assert (recorder.reads == []) == (reads == "accelerator"), recorder.reads
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -806,6 +815,21 @@ def test_cuda_sddmm_strategies_and_tuned_dispatch(dtype):
         for _ in range(2):  # the first call times the candidates, the second runs the kept one
             torch.testing.assert_close(sddmm(a, b, idx, cols).double(), truth, **tol)
     assert set(dispatch.tuned_sddmm_strategies().values()) <= {"csr", "dense", "triton", "triton_sorted"}
+
+
+@needs_cuda
+def test_cuda_sddmm_dense_in_row_blocks_does_not_synchronize(monkeypatch):
+    monkeypatch.setattr(sddmm_module, "DENSE_CHUNK_ELEMENTS", 3 * 65)
+    a, b = (t.cuda() for t in _operands(19, 34, 65))
+    idx = _indices(34 * 65, 300, seed=4).cuda()
+    sorted_positions(idx, 34, 65)  # built (and cached) outside the check, as at the first use of a delta
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = sddmm_dense(a, b, idx, 65)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got.double(), _dense_truth(a, b, idx), rtol=1e-5, atol=1e-5)
 
 
 @needs_cuda

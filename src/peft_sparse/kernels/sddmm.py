@@ -36,6 +36,7 @@ import weakref
 
 import torch
 
+from .. import _device
 from ._triton import INTERPRETED, cdiv, multiprocessor_count, tl, triton
 from .positions import sorted_positions
 
@@ -343,7 +344,8 @@ def sddmm_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: 
     """``sddmm_reference`` by the dense product ``a.T @ b`` and a gather, a block of rows at a time.
 
     Each block holds at most ``DENSE_CHUNK_ELEMENTS`` numbers; the positions of a block are a contiguous run of the
-    row-major order, so each block gathers only its own entries.
+    row-major order, so each block gathers only its own entries (off the CPU, where reading that run's bounds would
+    wait for the device, each block selects its entries among all K instead).
     """
     check_sddmm_args(a, b, indices, ncols)
     k = indices.numel()
@@ -358,6 +360,16 @@ def sddmm_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: 
         out[:] = mm_float32(a.t(), b).view(-1)[indices.long()]
         return out
     order = sorted_positions(indices, nrows, ncols)
+    if not _device.host_reads_are_free(a.device):
+        # the block boundaries in the sorted positions would be read on the host: instead every block picks its
+        # entries out of all K by a comparison (K work per block, nothing read)
+        found = torch.zeros(k, dtype=torch.float32, device=a.device)
+        for r0 in range(0, nrows, step):
+            product = mm_float32(a[:, r0 : r0 + step].t(), b).view(-1)
+            local = order.sorted - r0 * ncols
+            inside = (local >= 0) & (local < product.numel())
+            found = torch.where(inside, product[local.clamp(0, product.numel() - 1)], found)
+        return out.index_copy_(0, order.perm, found)
     bounds = order.crow[::step].tolist() + ([int(order.crow[-1])] if nrows % step else [])
     for block, r0 in enumerate(range(0, nrows, step)):
         lo, hi = bounds[block], bounds[block + 1]
