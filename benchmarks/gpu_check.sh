@@ -43,7 +43,7 @@ if [ "$DEVICE" = cuda ]; then
         exit 2
     fi
     TESTS=(tests/kernels/test_kernels.py tests/kernels/test_hotpath.py tests/kernels/test_dequantize_nf4.py
-           tests/test_host_reads.py)
+           tests/test_host_reads.py tests/test_device.py)
     TEST_FILTER="cuda or test_hotpath"
     STOP_AT_FIRST=()  # one device session: see every failure
     KERNEL_ARGS=(--device cuda --tokens 2048,8192 --densities 0.003,0.01,0.023 --repeats 10 --budget-s 1)

@@ -39,3 +39,19 @@ def test_kth_smallest_rejects_bad_arguments():
         _device.kth_smallest(torch.ones(3), 4)
     with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
         _device.kth_smallest(torch.ones(2, 2), 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kth_smallest_matches_kthvalue_without_synchronizing():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    values = torch.randn(3_000_001, generator=gen, device="cuda")  # a long vector, as the AG candidate pool
+    values[::1000] = values[1]  # ties
+    ks = [1, 2, 1_000_000, 1_500_001, 2_999_999, 3_000_001]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [_device.kth_smallest(values, k) for k in ks]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = [torch.kthvalue(values.cpu(), k).values for k in ks]
+    assert [g.cpu() for g in got] == expected
