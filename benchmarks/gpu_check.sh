@@ -35,7 +35,7 @@ cd "$ROOT"
 OUT="${OUT:-benchmarks/results/gpu-check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"  # the GPU image has only python3
 
 if [ "$DEVICE" = cuda ]; then
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
