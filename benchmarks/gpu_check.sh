@@ -15,7 +15,9 @@
 #      and all methods interleaved update by update (step-time ratios)        -> OUT/train/interleaved.*
 #   4. cProfile of the updates that start SpIEL-AG's second estimation phase
 #      and make the second reselection; random growth by generator device    -> OUT/profile/prof.{txt,json}
-# OUT/summary.md lists what ran, each step's exit status and wall time, and the GPU (nvidia-smi).
+# OUT/summary.md lists what ran, each step's exit status and wall time, the GPU (nvidia-smi) and package versions.
+# Needs torch with CUDA, Triton, pytest, matplotlib and peft-sparse's dependencies (peft, transformers, aenum;
+# bitsandbytes for the NF4 tests and benchmark) importable; peft-sparse itself is taken from src/.
 # A step that fails or runs out of time is recorded and the next one still runs; the exit status is 1 if any failed.
 set -u -o pipefail
 
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --small) SMALL=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) OUT="$1"; shift ;;
     esac
 done
