@@ -532,6 +532,17 @@ def prepare_base(settings: dict, base_dir: Path, seed: int) -> dict:
     return info
 
 
+def optimizer_update(loss, params, optimizer, scheduler) -> None:
+    """The rest of one training update after the forward: backward, gradient clipping, step, schedule, zero."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def lr_schedule(optimizer, steps: int, warmup_fraction: float = LR_WARMUP_FRACTION):
     """Linear warm-up over ``warmup_fraction`` of the steps (at least one), then linear decay to 0."""
     import torch
@@ -691,11 +702,7 @@ def train_phase(model, optimizer, batches, job: dict, profile: bool) -> dict:
             loss = model(input_ids=ids, labels=ids).loss
         if step == 0:
             saved = counter.nbytes
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_update(loss, params, optimizer, scheduler)
         sync()
         elapsed = time.perf_counter() - started
         if profiler is not None:
@@ -1071,12 +1078,7 @@ def run_interleaved(args: argparse.Namespace, settings: dict) -> int:
             ids = ids.to(settings["device"])
             sync()
             began, began_cpu = time.perf_counter(), time.process_time()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_update(model(input_ids=ids, labels=ids).loss, params, optimizer, scheduler)
             sync()
             times[method].append(time.perf_counter() - began)
             cpu_times[method].append(time.process_time() - began_cpu)

@@ -80,12 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             began, began_cpu = time.perf_counter(), time.process_time()
             if profiler:
                 profiler.enable()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, bench_train.GRAD_CLIP)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            bench_train.optimizer_update(model(input_ids=ids, labels=ids).loss, params, optimizer, scheduler)
             sync()
             if profiler:
                 profiler.disable()

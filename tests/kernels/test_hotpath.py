@@ -822,7 +822,6 @@ def test_cuda_sddmm_dense_in_row_blocks_does_not_synchronize(monkeypatch):
     monkeypatch.setattr(sddmm_module, "DENSE_CHUNK_ELEMENTS", 3 * 65)
     a, b = (t.cuda() for t in _operands(19, 34, 65))
     idx = _indices(34 * 65, 300, seed=4).cuda()
-    sorted_positions(idx, 34, 65)  # built (and cached) outside the check, as at the first use of a delta
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

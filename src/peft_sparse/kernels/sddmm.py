@@ -359,17 +359,17 @@ def sddmm_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, ncols: 
     if step >= nrows:
         out[:] = mm_float32(a.t(), b).view(-1)[indices.long()]
         return out
-    order = sorted_positions(indices, nrows, ncols)
     if not _device.host_reads_are_free(a.device):
         # the block boundaries in the sorted positions would be read on the host: instead every block picks its
         # entries out of all K by a comparison (K work per block, nothing read)
-        found = torch.zeros(k, dtype=torch.float32, device=a.device)
+        idx = indices.long()
         for r0 in range(0, nrows, step):
             product = mm_float32(a[:, r0 : r0 + step].t(), b).view(-1)
-            local = order.sorted - r0 * ncols
+            local = idx - r0 * ncols
             inside = (local >= 0) & (local < product.numel())
-            found = torch.where(inside, product[local.clamp(0, product.numel() - 1)], found)
-        return out.index_copy_(0, order.perm, found)
+            out = torch.where(inside, product[local.clamp(0, product.numel() - 1)], out)
+        return out
+    order = sorted_positions(indices, nrows, ncols)
     bounds = order.crow[::step].tolist() + ([int(order.crow[-1])] if nrows % step else [])
     for block, r0 in enumerate(range(0, nrows, step)):
         lo, hi = bounds[block], bounds[block + 1]
