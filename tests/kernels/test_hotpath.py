@@ -326,6 +326,32 @@ def test_sddmm_timing_keeps_the_fastest_and_its_result(monkeypatch):
     assert calls == ["slow", "slow", "quick", "quick"]
 
 
+def test_tuning_keeps_the_incumbent_unless_another_is_clearly_faster(monkeypatch):
+    # a clock that only the candidates advance: each run of a candidate takes its listed time
+    now = [0.0]
+    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: now[0])
+    edge = dispatch.TUNING_INCUMBENT_EDGE
+
+    def pick(times, incumbent):
+        def run(name):
+            now[0] += times[name]
+            return torch.tensor([times[name]], dtype=torch.float64)
+
+        return dispatch._time_strategies(list(times), run, torch.device("cpu"), incumbent)
+
+    near_tie = 1 - edge / 2  # faster than the incumbent, by less than the edge
+    best, out = pick({"csr": 0.001 * near_tie, "dense": 0.001}, "dense")
+    assert best == "dense" and out.tolist() == [0.001]
+    assert pick({"csr": 0.001 * near_tie, "dense": 0.001}, None)[0] == "csr"  # no incumbent: the fastest
+    clearly = 1 - 2 * edge
+    assert pick({"csr": 0.001 * clearly, "dense": 0.001}, "dense")[0] == "csr"
+    # once replaced, the rest compete on time alone
+    assert pick({"csr": 0.001 * clearly, "triton": 0.001 * clearly * 0.99, "dense": 0.001}, "dense")[0] == "triton"
+    assert pick({"csr": 0.002, "dense": 0.001}, "dense")[0] == "dense"
+    with pytest.raises(ValueError, match="incumbent must be one of the candidates .* got 'gather'"):
+        pick({"csr": 0.001, "dense": 0.001}, "gather")
+
+
 # ------------------------------------------------------------------------------------------------- merged weight
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merged_weight_is_w_plus_delta_in_place_and_restored_bit_exactly(dtype):
